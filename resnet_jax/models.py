@@ -1,0 +1,247 @@
+"""ResNets of He et al. 2015 and their plain twins, as pure Flax NNX modules.
+
+One family expresses every variant:
+- `residual=False` gives the plain twin: the same layers, no shortcuts (He et al. 2015, Sec. 4.1).
+- `shortcut` 'A' | 'B' | 'C' are the paper's three options (Sec. 3.3 and Table 3).
+- `preact=True` uses the pre-activation block of He et al. 2016 (BN-ReLU before each conv).
+- The CIFAR stem (Sec. 4.2: 3x3 conv, 16/32/64 filters on 32/16/8 maps, depth 6n+2) and the
+  ImageNet stem (7x7/2 conv and 3x3/2 max pool, Table 1) share the same blocks and stages.
+
+Models hold no mesh, device or process logic. Batch norm is told from outside (`BatchNormConfig`)
+which examples share statistics: the training side sets the axis name or the group size.
+Call a model as `model(images, train=True|False)`; NHWC images, logits out in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# He et al. 2015 initialise conv weights as N(0, 2/n), n = k*k*out_channels (Sec. 3.4, [13]).
+he_normal = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+SHORTCUTS = ("A", "B", "C")
+IMAGENET_STAGES = {  # depth -> (blocks per stage, bottleneck), Table 1
+    18: ((2, 2, 2, 2), False),
+    34: ((3, 4, 6, 3), False),
+    50: ((3, 4, 6, 3), True),
+    101: ((3, 4, 23, 3), True),
+    152: ((3, 8, 36, 3), True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNormConfig:
+    """Which examples share batch-norm statistics in training, and the usual constants.
+
+    group_size: statistics over groups of this many consecutive examples of the array the module
+      sees (None: all of them). The paper trained on 2 GPUs with 64 images each: group_size=64.
+    axis_name / axis_index_groups: for a `pmap` backend, the mapped axis (and device groups) over
+      which the group statistics are also averaged. Running averages are always averaged over all
+      groups and devices, so every replica keeps the same model.
+    """
+
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    group_size: int | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+
+
+class BatchNorm(nnx.Module):
+    """Batch norm with statistics per group of examples; computed in float32 whatever the dtype."""
+
+    def __init__(self, features: int, config: BatchNormConfig):
+        self.config = config
+        self.scale = nnx.Param(jnp.ones((features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((features,), jnp.float32))
+        self.mean = nnx.BatchStat(jnp.zeros((features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((features,), jnp.float32))
+
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        cfg = self.config
+        x32 = x.astype(jnp.float32)
+        if not train:
+            y = (x32 - self.mean.value) * jax.lax.rsqrt(self.var.value + cfg.epsilon)
+            return (y * self.scale.value + self.bias.value).astype(x.dtype)
+        group = cfg.group_size or x.shape[0]
+        if x.shape[0] % group:
+            raise ValueError(f"batch of {x.shape[0]} does not split into BN groups of {group}")
+        xg = x32.reshape(x.shape[0] // group, group, *x.shape[1:])
+        axes = tuple(range(1, xg.ndim - 1))
+        # One pass (E[x], E[x^2]) so that one all-reduce serves both moments across devices.
+        mean, mean_sq = jnp.mean(xg, axes), jnp.mean(jnp.square(xg), axes)
+        if cfg.axis_name is not None:
+            mean, mean_sq = jax.lax.pmean(
+                (mean, mean_sq), cfg.axis_name, axis_index_groups=cfg.axis_index_groups
+            )
+        var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+        shape = (mean.shape[0],) + (1,) * (len(axes)) + (mean.shape[-1],)
+        y = (xg - mean.reshape(shape)) * jax.lax.rsqrt(var.reshape(shape) + cfg.epsilon)
+        y = y.reshape(x.shape) * self.scale.value + self.bias.value
+
+        batch_mean, batch_var = mean.mean(0), var.mean(0)
+        if cfg.axis_name is not None:
+            batch_mean, batch_var = jax.lax.pmean((batch_mean, batch_var), cfg.axis_name)
+        m = cfg.momentum
+        self.mean.value = m * self.mean.value + (1 - m) * batch_mean
+        self.var.value = m * self.var.value + (1 - m) * batch_var
+        return y.astype(x.dtype)
+
+
+def conv(cin: int, cout: int, k: int, stride: int, dtype, rngs: nnx.Rngs) -> nnx.Conv:
+    # Symmetric padding k//2, as in the paper's Torch/Caffe code (XLA's 'SAME' pads unevenly).
+    return nnx.Conv(
+        cin, cout, (k, k), strides=stride, padding=[(k // 2, k // 2)] * 2, use_bias=False,
+        kernel_init=he_normal, dtype=dtype, rngs=rngs,
+    )
+
+
+class Shortcut(nnx.Module):
+    """The paper's shortcut options (Sec. 3.3): what is added to the residual branch's output.
+
+    A: identity; where the shape changes, subsample and zero-pad the new channels (no parameters;
+       the paper's CIFAR choice, Sec. 4.2). B: a 1x1 projection (+ BN) only where the shape changes.
+    C: a projection on every block. Pre-activation blocks project without BN (He et al. 2016).
+    """
+
+    def __init__(self, cin, cout, stride, option, *, preact, bn, dtype, rngs):
+        self.cin, self.cout, self.stride = cin, cout, stride
+        changes = stride != 1 or cin != cout
+        self.project = option == "C" or (option == "B" and changes)
+        if self.project:
+            self.conv = conv(cin, cout, 1, stride, dtype, rngs)
+            self.bn = None if preact else BatchNorm(cout, bn)
+
+    def __call__(self, x, *, train):
+        if self.project:
+            y = self.conv(x)
+            return y if self.bn is None else self.bn(y, train=train)
+        if self.stride != 1:
+            x = x[:, :: self.stride, :: self.stride, :]
+        if self.cout != self.cin:
+            x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, self.cout - self.cin)))
+        return x
+
+
+class Block(nnx.Module):
+    """A residual block (or its plain twin): basic (two 3x3) or bottleneck (1x1, 3x3, 1x1).
+
+    Post-activation (He et al. 2015): conv-BN-ReLU ... conv-BN, add shortcut, ReLU.
+    Pre-activation (He et al. 2016): BN-ReLU-conv ... BN-ReLU-conv, add shortcut.
+    The stride sits on the 3x3 conv in bottlenecks (as in most reimplementations; same counts).
+    """
+
+    def __init__(self, cin, cout, stride, *, bottleneck, residual, shortcut, preact, bn, dtype,
+                 rngs):
+        self.preact = preact
+        if bottleneck:
+            mid = cout // 4
+            specs = [(cin, mid, 1, 1), (mid, mid, 3, stride), (mid, cout, 1, 1)]
+        else:
+            specs = [(cin, cout, 3, stride), (cout, cout, 3, 1)]
+        self.convs = nnx.List([conv(i, o, k, s, dtype, rngs) for i, o, k, s in specs])
+        # Post-activation normalises each conv's output; pre-activation each conv's input.
+        bn_features = [i for i, *_ in specs] if preact else [o for _, o, *_ in specs]
+        self.bns = nnx.List([BatchNorm(f, bn) for f in bn_features])
+        self.shortcut = (
+            Shortcut(cin, cout, stride, shortcut, preact=preact, bn=bn, dtype=dtype, rngs=rngs)
+            if residual else None
+        )
+
+    def __call__(self, x, *, train):
+        if self.preact:
+            y, pre = x, None
+            for i, (c, bn) in enumerate(zip(self.convs, self.bns)):
+                y = nnx.relu(bn(y, train=train))
+                pre = y if i == 0 else pre
+                y = c(y)
+            if self.shortcut is None:
+                return y
+            # Projections see the pre-activated input; identity shortcuts the raw input.
+            return y + self.shortcut(pre if self.shortcut.project else x, train=train)
+        y = x
+        last = len(self.convs) - 1
+        for i, (c, bn) in enumerate(zip(self.convs, self.bns)):
+            y = bn(c(y), train=train)
+            if i < last:
+                y = nnx.relu(y)
+        if self.shortcut is not None:
+            y = y + self.shortcut(x, train=train)
+        return nnx.relu(y)
+
+
+class ResNet(nnx.Module):
+    """Stem, stages of blocks, global average pooling, a dense layer to the classes."""
+
+    def __init__(self, *, stem: str, stage_sizes, stage_widths, bottleneck: bool,
+                 num_classes: int, in_channels: int = 3, residual: bool = True,
+                 shortcut: str = "A", preact: bool = False, dtype=jnp.float32,
+                 bn: BatchNormConfig = BatchNormConfig(), rngs: nnx.Rngs):
+        if shortcut not in SHORTCUTS:
+            raise ValueError(f"unknown shortcut {shortcut!r}: use one of {', '.join(SHORTCUTS)}")
+        self.stem_kind, self.preact, self.dtype = stem, preact, dtype
+        stem_width = stage_widths[0] if stem == "cifar" else 64
+        k, s = (3, 1) if stem == "cifar" else (7, 2)
+        self.stem = conv(in_channels, stem_width, k, s, dtype, rngs)
+        # Post-activation nets normalise the stem; pre-activation nets normalise before the head.
+        self.stem_bn = None if preact else BatchNorm(stem_width, bn)
+        blocks, cin = [], stem_width
+        for i, (n, width) in enumerate(zip(stage_sizes, stage_widths)):
+            cout = width * 4 if bottleneck else width
+            for j in range(n):
+                stride = 2 if i > 0 and j == 0 else 1
+                blocks.append(Block(cin, cout, stride, bottleneck=bottleneck, residual=residual,
+                                    shortcut=shortcut, preact=preact, bn=bn, dtype=dtype,
+                                    rngs=rngs))
+                cin = cout
+        self.blocks = nnx.List(blocks)
+        self.head_bn = BatchNorm(cin, bn) if preact else None
+        self.head = nnx.Linear(cin, num_classes, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, *, train: bool):
+        x = self.stem(x.astype(self.dtype))
+        if self.stem_bn is not None:
+            x = nnx.relu(self.stem_bn(x, train=train))
+        if self.stem_kind == "imagenet":
+            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        for block in self.blocks:
+            x = block(x, train=train)
+        if self.head_bn is not None:
+            x = nnx.relu(self.head_bn(x, train=train))
+        x = jnp.mean(x, axis=(1, 2))
+        return self.head(x).astype(jnp.float32)
+
+
+def cifar_resnet(depth: int, *, width: int = 1, num_classes: int = 10, **kwargs) -> ResNet:
+    """The CIFAR family of Sec. 4.2: depth 6n+2, n basic blocks per stage of 16/32/64 x width."""
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(
+            f"depth {depth} is not 6n+2: use 20, 32, 44, 56, 110, 1202 or another 6n+2 >= 8"
+        )
+    if width < 1:
+        raise ValueError(f"width {width} must be a positive integer multiplier, e.g. width=1")
+    n = (depth - 2) // 6
+    return ResNet(stem="cifar", stage_sizes=(n, n, n), stage_widths=(16 * width, 32 * width,
+                  64 * width), bottleneck=False, num_classes=num_classes, **kwargs)
+
+
+def imagenet_resnet(depth: int, *, num_classes: int = 1000, **kwargs) -> ResNet:
+    """ResNet-18/34 (basic blocks) and 50/101/152 (bottlenecks), Table 1."""
+    if depth not in IMAGENET_STAGES:
+        raise ValueError(
+            f"ImageNet depth {depth} is not in Table 1: use one of "
+            + ", ".join(map(str, IMAGENET_STAGES))
+        )
+    sizes, bottleneck = IMAGENET_STAGES[depth]
+    return ResNet(stem="imagenet", stage_sizes=sizes, stage_widths=(64, 128, 256, 512),
+                  bottleneck=bottleneck, num_classes=num_classes, **kwargs)
+
+
+def count_params(model: nnx.Module) -> int:
+    """Trainable parameters (BN scale and bias included, running statistics not)."""
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
