@@ -22,7 +22,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 # He et al. 2015 initialise conv weights as N(0, 2/n), n = k*k*out_channels (Sec. 3.4, [13]).
-he_normal = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# Jitted once per kernel shape: eager construction then costs one cached call per layer, where a
+# traced construction (nnx.eval_shape / jit) grows quadratically with depth in Flax 0.12.
+he_normal = jax.jit(jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+                    static_argnums=(1, 2))
 
 SHORTCUTS = ("A", "B", "C")
 IMAGENET_STAGES = {  # depth -> (blocks per stage, bottleneck), Table 1
@@ -41,8 +44,8 @@ class BatchNormConfig:
     group_size: statistics over groups of this many consecutive examples of the array the module
       sees (None: all of them). The paper trained on 2 GPUs with 64 images each: group_size=64.
     axis_name / axis_index_groups: for a `pmap` backend, the mapped axis (and device groups) over
-      which the group statistics are also averaged. Running averages are always averaged over all
-      groups and devices, so every replica keeps the same model.
+      which the statistics are averaged when a group spans devices. Running averages are the mean
+      over this module's groups; a `pmap` backend averages them over replicas after the step.
     """
 
     momentum: float = 0.9
@@ -84,12 +87,9 @@ class BatchNorm(nnx.Module):
         y = (xg - mean.reshape(shape)) * jax.lax.rsqrt(var.reshape(shape) + cfg.epsilon)
         y = y.reshape(x.shape) * self.scale.value + self.bias.value
 
-        batch_mean, batch_var = mean.mean(0), var.mean(0)
-        if cfg.axis_name is not None:
-            batch_mean, batch_var = jax.lax.pmean((batch_mean, batch_var), cfg.axis_name)
         m = cfg.momentum
-        self.mean.value = m * self.mean.value + (1 - m) * batch_mean
-        self.var.value = m * self.var.value + (1 - m) * batch_var
+        self.mean.value = m * self.mean.value + (1 - m) * mean.mean(0)
+        self.var.value = m * self.var.value + (1 - m) * var.mean(0)
         return y.astype(x.dtype)
 
 
@@ -185,7 +185,7 @@ class ResNet(nnx.Module):
         if shortcut not in SHORTCUTS:
             raise ValueError(f"unknown shortcut {shortcut!r}: use one of {', '.join(SHORTCUTS)}")
         self.stem_kind, self.preact, self.dtype = stem, preact, dtype
-        stem_width = stage_widths[0] if stem == "cifar" else 64
+        stem_width = stage_widths[0]
         k, s = (3, 1) if stem == "cifar" else (7, 2)
         self.stem = conv(in_channels, stem_width, k, s, dtype, rngs)
         # Post-activation nets normalise the stem; pre-activation nets normalise before the head.
@@ -217,28 +217,32 @@ class ResNet(nnx.Module):
         return self.head(x).astype(jnp.float32)
 
 
-def cifar_resnet(depth: int, *, width: int = 1, num_classes: int = 10, **kwargs) -> ResNet:
-    """The CIFAR family of Sec. 4.2: depth 6n+2, n basic blocks per stage of 16/32/64 x width."""
-    if depth < 8 or (depth - 2) % 6:
+def check_architecture(family: str, depth: int, width: int = 1) -> None:
+    """Raises ValueError (one line: problem and fix) for a depth or width the family lacks."""
+    if family == "cifar" and (depth < 8 or (depth - 2) % 6):
         raise ValueError(
-            f"depth {depth} is not 6n+2: use 20, 32, 44, 56, 110, 1202 or another 6n+2 >= 8"
-        )
+            f"depth {depth} is not 6n+2: use 20, 32, 44, 56, 110, 1202 or another 6n+2 >= 8")
+    if family == "imagenet" and depth not in IMAGENET_STAGES:
+        raise ValueError(f"ImageNet depth {depth} is not in Table 1: use one of "
+                         + ", ".join(map(str, IMAGENET_STAGES)))
     if width < 1:
         raise ValueError(f"width {width} must be a positive integer multiplier, e.g. width=1")
+
+
+def cifar_resnet(depth: int, *, width: int = 1, num_classes: int = 10, **kwargs) -> ResNet:
+    """The CIFAR family of Sec. 4.2: depth 6n+2, n basic blocks per stage of 16/32/64 x width."""
+    check_architecture("cifar", depth, width)
     n = (depth - 2) // 6
     return ResNet(stem="cifar", stage_sizes=(n, n, n), stage_widths=(16 * width, 32 * width,
                   64 * width), bottleneck=False, num_classes=num_classes, **kwargs)
 
 
-def imagenet_resnet(depth: int, *, num_classes: int = 1000, **kwargs) -> ResNet:
+def imagenet_resnet(depth: int, *, width: int = 1, num_classes: int = 1000, **kwargs) -> ResNet:
     """ResNet-18/34 (basic blocks) and 50/101/152 (bottlenecks), Table 1."""
-    if depth not in IMAGENET_STAGES:
-        raise ValueError(
-            f"ImageNet depth {depth} is not in Table 1: use one of "
-            + ", ".join(map(str, IMAGENET_STAGES))
-        )
+    check_architecture("imagenet", depth, width)
     sizes, bottleneck = IMAGENET_STAGES[depth]
-    return ResNet(stem="imagenet", stage_sizes=sizes, stage_widths=(64, 128, 256, 512),
+    widths = tuple(w * width for w in (64, 128, 256, 512))
+    return ResNet(stem="imagenet", stage_sizes=sizes, stage_widths=widths,
                   bottleneck=bottleneck, num_classes=num_classes, **kwargs)
 
 

@@ -1,0 +1,64 @@
+"""CIFAR ResNets and plain nets of He et al. 2015, Sec. 4.2: the paper's recipe by default.
+
+    resnet-jax train --config=resnet_jax/configs/cifar.py:depth=56,residual=false --workdir=DIR
+
+Arguments after the colon: depth (6n+2), residual (true/false), shortcut (A/B/C), block
+(post/pre), width (multiplier of 16/32/64 filters), dataset (cifar10, cifar100, digits, synthetic,
+folder:<path>). Every number below is a config key: override with --config.KEY=VALUE.
+
+Recipe (Sec. 4.2): SGD, momentum 0.9, lr 0.1 divided by 10 at 32k and 48k iterations, 64k in
+total, weight decay 1e-4, global batch 128, 4-pixel pad + random crop + horizontal flip, per-pixel
+mean subtraction. ResNet-110 warms up at lr 0.01 for 400 iterations (`warmup_steps=400`).
+Expected test error on CIFAR-10 (Table 6): ResNet-20/32/44/56/110 8.75/7.51/7.17/6.97/6.43 %.
+"""
+
+import ml_collections
+
+from resnet_jax.configs import parse_arg
+
+
+def get_config(arg=None):
+    a = parse_arg(arg, depth=20, residual=True, shortcut="A", block="post", width=1,
+                  dataset="cifar10")
+    c = ml_collections.ConfigDict()
+    # Model.
+    c.model = "cifar"
+    c.depth = a["depth"]
+    c.residual = a["residual"]
+    c.shortcut = a["shortcut"]
+    c.block = a["block"]  # 'post' (He et al. 2015) or 'pre' (He et al. 2016)
+    c.width = a["width"]
+    c.dtype = "float32"  # compute dtype; parameters stay float32 ('bfloat16' for speed)
+    c.bn_momentum = 0.9
+    # 0: batch-norm statistics over the whole global batch. The paper ran 2 GPUs x 64 images,
+    # i.e. bn_group_size=64; the value never changes with the device count.
+    c.bn_group_size = 0
+
+    # Data.
+    c.dataset = a["dataset"]
+    c.tfds_data_dir = ""  # '' = TFDS's default (~/tensorflow_datasets)
+    c.validation_size = 0  # 5000 gives the paper's 45k/5k train/validation split
+    c.crop_padding = -1  # pixels of padding before the random crop; -1 = image side / 8 (4 on 32)
+    c.flip = True
+
+    # Optimisation (schedule in iterations; independent of the number of devices).
+    c.batch_size = 128  # global
+    c.total_steps = 64_000
+    c.learning_rate = 0.1
+    c.lr_boundaries_steps = (32_000, 48_000)
+    c.lr_decay_factor = 0.1
+    c.warmup_steps = 0
+    c.warmup_learning_rate = 0.01
+    c.momentum = 0.9
+    c.weight_decay = 1e-4
+
+    # Execution and outputs.
+    c.parallelism = "jit"  # 'jit' over a device mesh, or 'pmap'
+    c.num_devices = 0  # 0 = all local devices
+    c.seed = 0
+    c.log_every_steps = 100
+    c.eval_every_steps = 2_000
+    c.eval_batch_size = 1_000
+    c.checkpoint_every_steps = 2_000
+    c.keep_checkpoints = 2
+    return c

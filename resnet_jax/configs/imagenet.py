@@ -1,0 +1,28 @@
+"""ImageNet ResNets of He et al. 2015, Table 1: ResNet-18/34/50/101/152 and plain-18/34.
+
+    resnet-jax summary --config=resnet_jax/configs/imagenet.py:depth=50 --json
+
+Arguments after the colon: depth (18, 34, 50, 101, 152), residual, shortcut (B by default: the
+paper's projection only where the shape changes), block, dataset. Recipe (Sec. 3.4): SGD,
+momentum 0.9, lr 0.1 divided by 10 on plateaus (here: at 30, 60 and 80 epochs of 1.28M images),
+weight decay 1e-4, global batch 256, 224x224 crops.
+"""
+
+from resnet_jax.configs import cifar, parse_arg
+
+
+def get_config(arg=None):
+    a = parse_arg(arg, depth=50, residual=True, shortcut="B", block="post",
+                  dataset="imagenet2012")
+    c = cifar.get_config()
+    c.model = "imagenet"
+    c.depth, c.residual, c.shortcut, c.block = a["depth"], a["residual"], a["shortcut"], a["block"]
+    c.dataset = a["dataset"]
+    c.batch_size = 256
+    steps_per_epoch = 1_281_167 // 256
+    c.total_steps = 90 * steps_per_epoch
+    c.lr_boundaries_steps = tuple(e * steps_per_epoch for e in (30, 60, 80))
+    c.eval_every_steps = 5 * steps_per_epoch
+    c.checkpoint_every_steps = 5_000
+    c.eval_batch_size = 500
+    return c

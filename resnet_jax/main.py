@@ -1,0 +1,131 @@
+"""The command line, kept thin: parse flags, call `train.train_and_evaluate` or `summary`.
+
+    resnet-jax train   --config=resnet_jax/configs/cifar.py:depth=56,residual=false --workdir=DIR
+    resnet-jax summary [--config=...] [--json]
+
+Config flags are ml_collections': `--config=FILE[:ARGS]` then `--config.KEY=VALUE` overrides.
+Bad input ends in one line naming the problem and the fix, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+USAGE = ("usage: resnet-jax train --config=FILE[:ARGS] --workdir=DIR [--config.KEY=VALUE ...]\n"
+         "       resnet-jax summary [--config=FILE[:ARGS]] [--json]")
+CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
+
+class UsageError(Exception):
+    pass
+
+
+def _resolve_config_path(argv: list[str]) -> list[str]:
+    """Lets `--config=resnet_jax/configs/cifar.py` work from any directory once installed."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--config="):
+            path, sep, rest = arg[len("--config="):].partition(":")
+            if not pathlib.Path(path).exists() and (CONFIG_DIR / pathlib.Path(path).name).exists():
+                arg = f"--config={CONFIG_DIR / pathlib.Path(path).name}{sep}{rest}"
+        out.append(arg)
+    return out
+
+
+def _parse(argv: list[str]):
+    """Fresh flags per call (so tests can call main() repeatedly): (config or None, flags)."""
+    argv = ["resnet-jax", *_resolve_config_path(argv)]
+    fv = flags.FlagValues()
+    config_flag = config_flags.DEFINE_config_file(
+        "config", None, "Config file, e.g. resnet_jax/configs/cifar.py:depth=56,residual=false",
+        flag_values=fv, lock_config=True, sys_argv=argv)
+    flags.DEFINE_string("workdir", None, "Run directory: config, metrics, checkpoints, summary.",
+                        flag_values=fv)
+    flags.DEFINE_bool("json", False, "summary: print one JSON object.", flag_values=fv)
+    try:
+        fv(argv)
+        config = config_flag.value
+        if config is not None:
+            config.keys()  # a config file that failed to load raises only when first used
+        return config, fv
+    except OSError:
+        raise UsageError("config file not found: pass --config=resnet_jax/configs/cifar.py[:ARGS]"
+                         " or another file in resnet_jax/configs/") from None
+    except (AttributeError, KeyError) as e:  # ml_collections' answer to an unknown --config.KEY
+        text = str(e).replace("\\", "")
+        key = re.search(r"[A-Za-z_][\w.]*", text)
+        hint = re.search(r'Did you mean "([\w.]+)"', text)
+        raise UsageError(
+            f"config key {key.group(0) if key else text!r} does not exist"
+            + (f" (did you mean {hint.group(1)!r}?)" if hint else "")
+            + ": use a key of the config file (resnet_jax/configs/)") from None
+    except flags.Error as e:
+        # An override names its flag in the outer message; an error raised inside get_config
+        # arrives wrapped, and its innermost cause says what is wrong.
+        if str(e).startswith("flag --config."):
+            raise UsageError(str(e).splitlines()[0]) from None
+        cause = e
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        text = str(cause).strip()
+        raise UsageError(text.splitlines()[-1] if text else str(e).splitlines()[0]) from None
+
+
+def _train(argv) -> int:
+    config, fv = _parse(argv)
+    if config is None or fv.workdir is None:
+        raise UsageError("train needs --config=FILE[:ARGS] and --workdir=DIR\n" + USAGE)
+    from resnet_jax import train  # imported late: JAX starts up only when there is work
+
+    train.train_and_evaluate(config, fv.workdir)
+    return 0
+
+
+def _summary(argv) -> int:
+    config, fv = _parse(argv)
+    from resnet_jax import summary
+
+    if config is None:
+        rows = summary.standard_nets()
+        if fv.json:
+            print(json.dumps({"nets": rows}))
+        else:
+            print(summary.format_table(rows, ["name", "family", "weighted_layers", "params",
+                                              "macs"]))
+        return 0
+    info = summary.describe_config(config)
+    if fv.json:
+        print(json.dumps(info))
+    else:
+        print(summary.format_table(info["layers"], ["path", "kind", "shape", "params"]))
+        print(f"\nweighted layers {info['weighted_layers']}  |  parameters {info['params']:,}  |"
+              f"  multiply-adds per {'x'.join(map(str, info['image_shape']))} image "
+              f"{info['macs']:,}")
+    return 0
+
+
+COMMANDS = {"train": _train, "summary": _summary}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(USAGE, file=sys.stderr)
+        return 2
+    from resnet_jax.data import DataError
+    from resnet_jax.train import ConfigError
+
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except (UsageError, ConfigError, DataError) as e:
+        print(f"resnet-jax: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

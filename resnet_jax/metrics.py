@@ -1,0 +1,69 @@
+"""Run outputs: `metrics.jsonl`, TensorBoard event files and the progress line on the console.
+
+One JSON object per logged step: `step`, `train/loss`, `train/error` (percent, like the paper),
+`lr`, `examples_per_sec`, and `test/error` (and `val/error`) at the steps where they were measured.
+Only the main process writes; others keep the same calls as no-ops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import jax
+
+
+class MetricsWriter:
+    def __init__(self, workdir: pathlib.Path, *, total_steps: int):
+        self.path = workdir / "metrics.jsonl"
+        self.total_steps = total_steps
+        self.main = jax.process_index() == 0
+        self._tb = None
+        if self.main:
+            from tensorboardX import SummaryWriter  # imported late: protobuf is slow to load
+
+            self._tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def truncate(self, step: int) -> None:
+        """Drops records after `step`: a resumed run rewrites them exactly as it goes."""
+        if not (self.main and self.path.exists()):
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def write(self, step: int, record: dict) -> None:
+        if not self.main:
+            return
+        record = {"step": step, **{k: float(v) for k, v in record.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key != "step":
+                self._tb.add_scalar(key, value, step)
+        self._tb.flush()
+
+    def progress(self, step: int, record: dict, seconds_left: float | None) -> None:
+        if not self.main:
+            return
+        parts = [f"step {step}/{self.total_steps}"]
+        names = {"train/loss": "loss {:.3f}", "train/error": "train err {:.2f}%",
+                 "val/error": "val err {:.2f}%", "test/error": "test err {:.2f}%",
+                 "examples_per_sec": "{:.0f} img/s"}
+        parts += [fmt.format(record[k]) for k, fmt in names.items() if k in record]
+        if seconds_left is not None:
+            parts.append(f"{_duration(seconds_left)} left")
+        print(" | ".join(parts), flush=True)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

@@ -1,0 +1,140 @@
+"""Where the devices come in: the mesh, the shardings and the two data-parallel backends.
+
+Everything else is written for one global batch. This module decides how that batch and the
+train state live on devices:
+- 'jit' (default): `jax.jit` over a 1-D device mesh, the global batch sharded on the `data` axis
+  and the state replicated; XLA inserts the gradient and batch-norm all-reduces (what pjit became).
+- 'pmap': `jax.pmap` over the same devices; the state carries a leading device axis, gradients and
+  losses are averaged with explicit collectives over the `batch` axis.
+Both give the same numbers on the same global batch (tests/test_parallel.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from resnet_jax.models import BatchNormConfig
+
+DATA_AXIS = "data"  # mesh axis of the jit backend
+PMAP_AXIS = "batch"  # mapped axis of the pmap backend
+BACKENDS = ("jit", "pmap")
+
+
+def create_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
+    """A 1-D mesh over the first `num_devices` devices (0: all of them, on every host)."""
+    devices = jax.devices()
+    if num_devices:
+        if num_devices > len(devices):
+            raise ValueError(
+                f"num_devices={num_devices} but only {len(devices)} devices are visible: "
+                f"set --config.num_devices to at most {len(devices)} (0 = all)"
+            )
+        devices = devices[:num_devices]
+    return jax.sharding.Mesh(np.array(devices), (DATA_AXIS,),
+                             axis_types=(jax.sharding.AxisType.Auto,))
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One data-parallel strategy over `mesh` for a fixed global batch size."""
+
+    name: str
+    mesh: jax.sharding.Mesh
+    batch_size: int
+
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.size
+
+    @property
+    def axis_name(self) -> str | None:
+        """The collective axis the train step averages over (None: XLA does it under jit)."""
+        return PMAP_AXIS if self.name == "pmap" else None
+
+    @property
+    def data_sharding(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P(DATA_AXIS))
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    def batch_norm(self, group_size: int, momentum: float) -> BatchNormConfig:
+        """Batch-norm statistics over `group_size` consecutive examples of the global batch.
+
+        0 means the whole global batch. Under jit the model sees the global batch and groups it
+        itself; under pmap each device sees batch_size / num_devices examples, so groups inside a
+        device are local and groups spanning devices average over device groups.
+        """
+        group = group_size or self.batch_size
+        if self.name == "jit":
+            return BatchNormConfig(momentum=momentum, group_size=group)
+        local = self.batch_size // self.num_devices
+        if group % local and local % group:
+            raise ValueError(
+                f"bn_group_size={group} neither divides nor is a multiple of the {local} examples "
+                f"per device: pick a divisor or multiple of {local}, or use parallelism=jit")
+        if group <= local:
+            return BatchNormConfig(momentum=momentum, group_size=group)
+        per_group = group // local
+        groups = [list(range(i, i + per_group)) for i in range(0, self.num_devices, per_group)]
+        return BatchNormConfig(momentum=momentum, axis_name=PMAP_AXIS,
+                               axis_index_groups=None if per_group == self.num_devices else groups)
+
+    def put_state(self, state):
+        """Host or global state -> the layout the compiled step takes."""
+        if self.name == "pmap":
+            devices = list(self.mesh.devices.flat)
+            return jax.device_put_replicated(state, devices)
+        return jax.device_put(state, self.replicated)
+
+    def get_state(self, state):
+        """The step's state layout -> one global, replicated copy (for eval and checkpoints)."""
+        if self.name == "pmap":
+            state = jax.tree.map(lambda x: x[0], state)
+        return jax.device_put(state, self.replicated)
+
+    def compile_step(self, train_step):
+        """Wraps a pure `(state, batch) -> (state, metrics)` for this backend."""
+        if self.name == "pmap":
+            mapped = jax.pmap(train_step, axis_name=PMAP_AXIS, donate_argnums=0,
+                              devices=list(self.mesh.devices.flat))
+            split = jax.jit(
+                lambda b: jax.tree.map(
+                    lambda x: x.reshape(self.num_devices, -1, *x.shape[1:]), b),
+                out_shardings=self.data_sharding)
+
+            def step(state, batch):
+                state, metrics = mapped(state, split(batch))
+                return state, jax.tree.map(lambda x: x[0], metrics)
+
+            return step
+        return jax.jit(train_step, in_shardings=(self.replicated, self.data_sharding),
+                       out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+
+    def compile_eval(self, eval_step):
+        """Eval runs under jit for both backends: it needs no collectives of its own."""
+        return jax.jit(eval_step, in_shardings=(self.replicated, self.data_sharding),
+                       out_shardings=self.replicated)
+
+
+def create_backend(name: str, batch_size: int, num_devices: int = 0) -> Backend:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown parallelism {name!r}: use one of {', '.join(BACKENDS)}")
+    mesh = create_mesh(num_devices)
+    if batch_size % mesh.size:
+        raise ValueError(
+            f"global batch_size={batch_size} does not split over {mesh.size} devices: "
+            f"use a multiple of {mesh.size} or set --config.num_devices"
+        )
+    return Backend(name, mesh, batch_size)
+
+
+def pmean_if(tree, axis_name: str | None):
+    """Average over the mapped axis when there is one (pmap); identity under jit."""
+    return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+

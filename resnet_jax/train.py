@@ -1,0 +1,305 @@
+"""The train step and the training loop; `train_and_evaluate(config, workdir)` runs a whole job.
+
+The train step is a pure function `(state, batch) -> (state, metrics)` on one global batch;
+`parallel.Backend` wraps it for the devices. Data order and augmentation are functions of
+(seed, step), so a resumed run continues exactly where an unbroken one would be.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import pathlib
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from resnet_jax import data, models, parallel
+from resnet_jax.checkpoint import Checkpointer
+from resnet_jax.metrics import MetricsWriter
+
+BLOCKS = {"post": False, "pre": True}  # block -> pre-activation?
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Keys that may change when a run resumes: they do not change what is computed.
+RESUMABLE_KEYS = {"total_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+                  "keep_checkpoints", "eval_batch_size", "parallelism", "num_devices",
+                  "tfds_data_dir"}
+
+
+class ConfigError(ValueError):
+    """A config that cannot run. str(e) is one line naming the problem and the fix."""
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Everything that can be checked before touching data or disk."""
+    def need(ok, message):
+        if not ok:
+            raise ConfigError(message)
+
+    need(config.model in ("cifar", "imagenet"), f"unknown model {config.model!r}: use cifar or "
+         "imagenet (pick the config file resnet_jax/configs/cifar.py or imagenet.py)")
+    need(config.block in BLOCKS, f"unknown block {config.block!r}: use post or pre")
+    need(config.shortcut in models.SHORTCUTS, f"unknown shortcut {config.shortcut!r}: use A, B "
+         "or C")
+    need(config.dtype in DTYPES, f"unknown dtype {config.dtype!r}: use float32 or bfloat16")
+    need(config.parallelism in parallel.BACKENDS,
+         f"unknown parallelism {config.parallelism!r}: use jit or pmap")
+    for key in ("total_steps", "batch_size", "log_every_steps", "eval_every_steps",
+                "checkpoint_every_steps", "eval_batch_size", "keep_checkpoints"):
+        need(config[key] > 0, f"{key}={config[key]} must be positive")
+    need(config.bn_group_size >= 0 and (config.bn_group_size == 0
+                                        or config.batch_size % config.bn_group_size == 0),
+         f"bn_group_size={config.bn_group_size} must divide batch_size={config.batch_size} "
+         "(0 = the whole batch)")
+    need(list(config.lr_boundaries_steps) == sorted(config.lr_boundaries_steps),
+         f"lr_boundaries_steps={tuple(config.lr_boundaries_steps)} must be increasing")
+    try:
+        models.check_architecture(config.model, config.depth, config.width)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def create_model(config, *, num_classes: int, in_channels: int,
+                 bn: models.BatchNormConfig | None = None, rngs: nnx.Rngs | None = None):
+    bn = bn or models.BatchNormConfig(momentum=config.bn_momentum)
+    family = models.cifar_resnet if config.model == "cifar" else models.imagenet_resnet
+    return family(config.depth, width=config.width, num_classes=num_classes,
+                  in_channels=in_channels, residual=config.residual, shortcut=config.shortcut,
+                  preact=BLOCKS[config.block], dtype=DTYPES[config.dtype], bn=bn,
+                  rngs=rngs or nnx.Rngs(config.seed))
+
+
+def create_lr_schedule(config):
+    """Step-wise: `learning_rate` times `lr_decay_factor` per boundary passed (Sec. 4.2).
+
+    With `warmup_steps`, the first iterations use `warmup_learning_rate` instead (the paper's
+    ResNet-110: 0.01 until training error is below 80 %, about 400 iterations, then 0.1).
+    """
+    boundaries = jnp.asarray(config.lr_boundaries_steps or [np.iinfo(np.int32).max], jnp.int32)
+
+    def schedule(step):
+        decays = jnp.sum(step >= boundaries)
+        lr = config.learning_rate * config.lr_decay_factor ** decays
+        return jnp.where(step < config.warmup_steps, config.warmup_learning_rate, lr)
+
+    return schedule
+
+
+def create_optimizer(config, schedule) -> optax.GradientTransformation:
+    # Weight decay as an L2 gradient term on every parameter, as in the paper's SGD.
+    return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                       optax.sgd(schedule, momentum=config.momentum))
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+def create_train_state(model: nnx.Module, tx: optax.GradientTransformation):
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                       opt_state=tx.init(params))
+    return graphdef, state
+
+
+def make_train_step(graphdef, tx, schedule, axis_name: str | None = None):
+    """The pure train step on one global batch (or, under pmap, on this device's share)."""
+
+    def loss_fn(params, batch_stats, batch):
+        model = nnx.merge(graphdef, params, batch_stats, copy=True)  # fresh Variables per trace
+        logits = model(batch["image"], train=True)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+        error = 100.0 * jnp.mean(jnp.argmax(logits, -1) != batch["label"])
+        return loss, (error, nnx.state(model, nnx.BatchStat))
+
+    def train_step(state: TrainState, batch):
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (error, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch)
+        grads, loss, error, batch_stats = parallel.pmean_if((grads, loss, error, batch_stats),
+                                                            axis_name)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "error": error, "lr": schedule(state.step),
+                   "grad_norm": optax.global_norm(grads)}
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                                  opt_state=opt_state)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef):
+    """Loss and error (%) over a whole uint8 split laid out as (num_batches, batch, ...)."""
+
+    def eval_step(state: TrainState, batches, mean):
+        model = nnx.merge(graphdef, state.params, state.batch_stats)
+
+        def one(batch):
+            logits = model(data.normalize(batch["image"], mean), train=False)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+            wrong = jnp.argmax(logits, -1) != batch["label"]
+            m = batch["mask"]
+            return jnp.sum(loss * m), jnp.sum(wrong * m), jnp.sum(m)
+
+        loss, wrong, count = jax.tree.map(jnp.sum, jax.lax.map(one, batches))
+        return {"loss": loss / count, "error": 100.0 * wrong / count}
+
+    return eval_step
+
+
+# --- The loop ------------------------------------------------------------------------------
+
+
+def _check_workdir(workdir: pathlib.Path, config) -> None:
+    """Refuses an unwritable workdir or one holding a run of a different config."""
+    probe = workdir if workdir.exists() else next(p for p in workdir.parents if p.exists())
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise ConfigError(f"workdir {workdir} is not writable: pass a --workdir you can write to")
+    saved = workdir / "config.json"
+    if saved.exists():
+        old, new = json.loads(saved.read_text()), json.loads(config.to_json())
+        changed = sorted(k for k in old.keys() | new.keys()
+                         if k not in RESUMABLE_KEYS and old.get(k) != new.get(k))
+        if changed:
+            raise ConfigError(
+                f"workdir {workdir} holds a run with a different config ({', '.join(changed)}): "
+                "use a new --workdir or the original values")
+
+
+def _write_json(path: pathlib.Path, obj) -> None:
+    if jax.process_index() != 0:
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the summary."""
+    workdir = pathlib.Path(workdir)
+    check_config(config)
+    _check_workdir(workdir, config)
+    summary_path = workdir / "summary.json"
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        if summary["step"] >= config.total_steps:
+            print(f"run in {workdir} already finished at step {summary['step']} "
+                  f"(test error {summary['test/error']:.2f}%)", flush=True)
+            return summary
+
+    # Data first: a bad dataset must fail before anything is written.
+    ds = data.load(config.dataset, validation_size=config.validation_size,
+                   tfds_data_dir=config.tfds_data_dir or None)
+    backend = parallel.create_backend(config.parallelism, config.batch_size, config.num_devices)
+    if len(ds.train.labels) < config.batch_size:
+        raise ConfigError(f"dataset {config.dataset} has {len(ds.train.labels)} training "
+                          f"images, fewer than batch_size={config.batch_size}: lower batch_size")
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_json(workdir / "config.json", json.loads(config.to_json()))
+
+    image_shape = ds.train.images.shape[1:]
+    model = create_model(
+        config, num_classes=ds.num_classes, in_channels=image_shape[-1],
+        bn=backend.batch_norm(config.bn_group_size, config.bn_momentum))
+    schedule = create_lr_schedule(config)
+    tx = create_optimizer(config, schedule)
+    graphdef, state = create_train_state(model, tx)
+    del model
+
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
+    state = jax.device_put(state, backend.replicated)
+    restored = checkpointer.restore_latest(state)
+    if restored is not None:
+        state = restored
+        print(f"resuming from step {int(state.step)} in {workdir}", flush=True)
+    start = int(state.step)
+    writer = MetricsWriter(workdir, total_steps=config.total_steps)
+    writer.truncate(start)
+
+    # The training set and its per-pixel mean live on the devices; batches are cut there.
+    replicate = lambda x: jax.device_put(x, backend.replicated)  # noqa: E731
+    train_images, train_labels = replicate(ds.train.images), replicate(ds.train.labels)
+    mean = replicate(data.mean_image(ds.train.images))
+    padding = (config.crop_padding if config.crop_padding >= 0
+               else data.default_padding(image_shape[0]))
+    data_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    cut_batch = jax.jit(
+        functools.partial(data.train_batch, batch_size=config.batch_size, padding=padding,
+                          flip=config.flip),
+        out_shardings=backend.data_sharding)
+    make_batch = lambda step: cut_batch(train_images, train_labels, mean, data_key, step)  # noqa
+
+    eval_bs = max(backend.num_devices, config.eval_batch_size // backend.num_devices
+                  * backend.num_devices)
+    eval_sets = {"test": ds.test} | ({"val": ds.validation} if ds.validation else {})
+    eval_sharding = jax.sharding.NamedSharding(backend.mesh,
+                                               jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
+    eval_data = {name: jax.device_put(data.eval_batches(split, eval_bs), eval_sharding)
+                 for name, split in eval_sets.items()}
+    eval_step = jax.jit(make_eval_step(graphdef))
+
+    def evaluate(global_state):
+        out = {}
+        for name, batches in eval_data.items():
+            result = jax.device_get(eval_step(global_state, batches, mean))
+            out[f"{name}/error"], out[f"{name}/loss"] = result["error"], result["loss"]
+        return out
+
+    train_step = backend.compile_step(make_train_step(graphdef, tx, schedule, backend.axis_name))
+    state = backend.put_state(state)
+    pending, t_start, step_start = [], None, start
+    record = {}
+    for step in range(start, config.total_steps):
+        state, metrics = train_step(state, make_batch(step))
+        pending.append(metrics)
+        done = step + 1
+        if done == start + 1 or done % config.log_every_steps == 0 or done == config.total_steps:
+            fetched = jax.device_get(pending)
+            if not all(math.isfinite(m["loss"]) for m in fetched):
+                raise FloatingPointError(
+                    f"loss is not finite at step {done}; the last good checkpoint is kept: "
+                    "lower learning_rate or set warmup_steps")
+            record = {"train/loss": np.mean([m["loss"] for m in fetched]),
+                      "train/error": np.mean([m["error"] for m in fetched]),
+                      "lr": fetched[-1]["lr"], "grad_norm": fetched[-1]["grad_norm"]}
+            now = time.perf_counter()
+            seconds_left = None
+            if t_start is None:  # the first step compiles: time from after it
+                t_start, step_start = now, done
+            elif done > step_start:
+                rate = (done - step_start) / (now - t_start)
+                record["examples_per_sec"] = rate * config.batch_size
+                seconds_left = (config.total_steps - done) / rate
+            pending = []
+            if done % config.eval_every_steps == 0 or done == config.total_steps:
+                record |= evaluate(backend.get_state(state))
+            if done % config.log_every_steps == 0 or done == config.total_steps:
+                writer.write(done, record)
+                writer.progress(done, record, seconds_left)
+        if done % config.checkpoint_every_steps == 0 or done == config.total_steps:
+            checkpointer.save(done, backend.get_state(state))
+
+    checkpointer.close()
+    writer.close()
+    final = record if "test/error" in record else evaluate(backend.get_state(state)) | record
+    summary = {"step": config.total_steps, "train/error": float(final["train/error"]),
+               "train/loss": float(final["train/loss"]), "test/error": float(final["test/error"])}
+    if "val/error" in final:
+        summary["val/error"] = float(final["val/error"])
+    _write_json(summary_path, summary)
+    print(f"finished: train error {summary['train/error']:.2f}%, "
+          f"test error {summary['test/error']:.2f}% -> {summary_path}", flush=True)
+    return summary
