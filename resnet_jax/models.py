@@ -69,8 +69,8 @@ class BatchNorm(nnx.Module):
         cfg = self.config
         x32 = x.astype(jnp.float32)
         if not train:
-            y = (x32 - self.mean.value) * jax.lax.rsqrt(self.var.value + cfg.epsilon)
-            return (y * self.scale.value + self.bias.value).astype(x.dtype)
+            y = (x32 - self.mean[...]) * jax.lax.rsqrt(self.var[...] + cfg.epsilon)
+            return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
         group = cfg.group_size or x.shape[0]
         if x.shape[0] % group:
             raise ValueError(f"batch of {x.shape[0]} does not split into BN groups of {group}")
@@ -85,11 +85,11 @@ class BatchNorm(nnx.Module):
         var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
         shape = (mean.shape[0],) + (1,) * (len(axes)) + (mean.shape[-1],)
         y = (xg - mean.reshape(shape)) * jax.lax.rsqrt(var.reshape(shape) + cfg.epsilon)
-        y = y.reshape(x.shape) * self.scale.value + self.bias.value
+        y = y.reshape(x.shape) * self.scale[...] + self.bias[...]
 
         m = cfg.momentum
-        self.mean.value = m * self.mean.value + (1 - m) * mean.mean(0)
-        self.var.value = m * self.var.value + (1 - m) * var.mean(0)
+        self.mean[...] = m * self.mean[...] + (1 - m) * mean.mean(0)
+        self.var[...] = m * self.var[...] + (1 - m) * var.mean(0)
         return y.astype(x.dtype)
 
 

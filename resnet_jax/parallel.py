@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -87,9 +88,10 @@ class Backend:
 
     def put_state(self, state):
         """Host or global state -> the layout the compiled step takes."""
-        if self.name == "pmap":
-            devices = list(self.mesh.devices.flat)
-            return jax.device_put_replicated(state, devices)
+        if self.name == "pmap":  # one copy per device, stacked on a leading device axis
+            stack = lambda x: jnp.broadcast_to(x, (self.num_devices, *x.shape))  # noqa: E731
+            return jax.jit(lambda s: jax.tree.map(stack, s), out_shardings=self.data_sharding)(
+                state)
         return jax.device_put(state, self.replicated)
 
     def get_state(self, state):

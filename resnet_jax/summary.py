@@ -45,7 +45,7 @@ def layers(model: nnx.Module) -> list[dict]:
     for path, node in nnx.iter_graph(model):
         if isinstance(node, (nnx.Conv, nnx.Linear, models.BatchNorm)):
             params = jax.tree.leaves(nnx.state(node, nnx.Param))
-            shape = tuple(node.kernel.value.shape) if hasattr(node, "kernel") else params[0].shape
+            shape = tuple(node.kernel.shape) if hasattr(node, "kernel") else params[0].shape
             rows.append({"path": "/".join(map(str, path)), "kind": type(node).__name__,
                          "shape": list(shape), "params": int(sum(p.size for p in params))})
     return rows

@@ -133,7 +133,7 @@ def make_train_step(graphdef, tx, schedule, axis_name: str | None = None):
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "error": error, "lr": schedule(state.step),
-                   "grad_norm": optax.global_norm(grads)}
+                   "grad_norm": optax.tree.norm(grads)}
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                                   opt_state=opt_state)
         return new_state, metrics
@@ -158,6 +158,18 @@ def make_eval_step(graphdef):
         return {"loss": loss / count, "error": 100.0 * wrong / count}
 
     return eval_step
+
+
+def create_training(config, backend: parallel.Backend, *, num_classes: int, in_channels: int):
+    """(graphdef, state, train_step): the model's state replicated on the backend's devices and
+    the train step compiled for it (state in `backend.put_state` layout)."""
+    model = create_model(config, num_classes=num_classes, in_channels=in_channels,
+                         bn=backend.batch_norm(config.bn_group_size, config.bn_momentum))
+    schedule = create_lr_schedule(config)
+    tx = create_optimizer(config, schedule)
+    graphdef, state = create_train_state(model, tx)
+    step = backend.compile_step(make_train_step(graphdef, tx, schedule, backend.axis_name))
+    return graphdef, jax.device_put(state, backend.replicated), step
 
 
 # --- The loop ------------------------------------------------------------------------------
@@ -211,16 +223,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     _write_json(workdir / "config.json", json.loads(config.to_json()))
 
     image_shape = ds.train.images.shape[1:]
-    model = create_model(
-        config, num_classes=ds.num_classes, in_channels=image_shape[-1],
-        bn=backend.batch_norm(config.bn_group_size, config.bn_momentum))
-    schedule = create_lr_schedule(config)
-    tx = create_optimizer(config, schedule)
-    graphdef, state = create_train_state(model, tx)
-    del model
-
+    graphdef, state, train_step = create_training(config, backend, num_classes=ds.num_classes,
+                                                  in_channels=image_shape[-1])
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
-    state = jax.device_put(state, backend.replicated)
     restored = checkpointer.restore_latest(state)
     if restored is not None:
         state = restored
@@ -258,7 +263,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             out[f"{name}/error"], out[f"{name}/loss"] = result["error"], result["loss"]
         return out
 
-    train_step = backend.compile_step(make_train_step(graphdef, tx, schedule, backend.axis_name))
     state = backend.put_state(state)
     pending, t_start, step_start = [], None, start
     record = {}
