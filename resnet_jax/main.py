@@ -54,8 +54,10 @@ def _parse(argv: list[str]):
             config.keys()  # a config file that failed to load raises only when first used
         return config, fv
     except OSError:
-        raise UsageError("config file not found: pass --config=resnet_jax/configs/cifar.py[:ARGS]"
-                         " or another file in resnet_jax/configs/") from None
+        path = next((a.split("=", 1)[1].partition(":")[0] for a in argv
+                     if a.startswith("--config=")), "")
+        raise UsageError(f"config file {path} not found: pass --config=resnet_jax/configs/"
+                         "cifar.py[:ARGS] or another file in resnet_jax/configs/") from None
     except (AttributeError, KeyError) as e:  # ml_collections' answer to an unknown --config.KEY
         text = str(e).replace("\\", "")
         key = re.search(r"[A-Za-z_][\w.]*", text)
@@ -70,7 +72,8 @@ def _parse(argv: list[str]):
         if str(e).startswith("flag --config."):
             raise UsageError(str(e).splitlines()[0]) from None
         cause = e
-        while cause.__cause__ is not None or cause.__context__ is not None:
+        while cause.__cause__ is not None or (cause.__context__ is not None
+                                              and not cause.__suppress_context__):
             cause = cause.__cause__ or cause.__context__
         text = str(cause).strip()
         raise UsageError(text.splitlines()[-1] if text else str(e).splitlines()[0]) from None
@@ -79,7 +82,8 @@ def _parse(argv: list[str]):
 def _train(argv) -> int:
     config, fv = _parse(argv)
     if config is None or fv.workdir is None:
-        raise UsageError("train needs --config=FILE[:ARGS] and --workdir=DIR\n" + USAGE)
+        raise UsageError("train needs --config=FILE[:ARGS] and --workdir=DIR, e.g. "
+                         "--config=resnet_jax/configs/cifar.py:depth=20 --workdir=runs/r20")
     from resnet_jax import train  # imported late: JAX starts up only when there is work
 
     train.train_and_evaluate(config, fv.workdir)
@@ -115,14 +119,15 @@ COMMANDS = {"train": _train, "summary": _summary}
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        print(USAGE, file=sys.stderr)
+        said = f"unknown command {argv[0]!r}" if argv else "no command"
+        print(f"resnet-jax: error: {said}: use train or summary\n{USAGE}", file=sys.stderr)
         return 2
     from resnet_jax.data import DataError
     from resnet_jax.train import ConfigError
 
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (UsageError, ConfigError, DataError) as e:
+    except (UsageError, ConfigError, DataError, FloatingPointError) as e:
         print(f"resnet-jax: error: {e}", file=sys.stderr)
         return 2
 

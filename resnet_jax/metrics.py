@@ -35,6 +35,10 @@ class MetricsWriter:
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
 
+    def last_record(self) -> dict:
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        return json.loads(lines[-1]) if lines else {}
+
     def write(self, step: int, record: dict) -> None:
         if not self.main:
             return

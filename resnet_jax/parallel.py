@@ -86,6 +86,21 @@ class Backend:
         return BatchNormConfig(momentum=momentum, axis_name=PMAP_AXIS,
                                axis_index_groups=None if per_group == self.num_devices else groups)
 
+    def compile_batch(self, make_batch):
+        """`make_batch(*args, part=(i, n))` run on every device for its own slice of the batch.
+
+        Each device cuts its share from its replica of the data, so no collective (and no
+        guess by the partitioner) is involved; the result is one globally sharded batch.
+        """
+        def per_device(*args):
+            return make_batch(*args, part=(jax.lax.axis_index(DATA_AXIS), self.num_devices))
+
+        def run(*args):
+            return jax.shard_map(per_device, mesh=self.mesh, in_specs=P(),
+                                 out_specs=P(DATA_AXIS))(*args)
+
+        return jax.jit(run)
+
     def put_state(self, state):
         """Host or global state -> the layout the compiled step takes."""
         if self.name == "pmap":  # one copy per device, stacked on a leading device axis

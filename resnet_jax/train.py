@@ -241,10 +241,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     padding = (config.crop_padding if config.crop_padding >= 0
                else data.default_padding(image_shape[0]))
     data_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-    cut_batch = jax.jit(
-        functools.partial(data.train_batch, batch_size=config.batch_size, padding=padding,
-                          flip=config.flip),
-        out_shardings=backend.data_sharding)
+    cut_batch = backend.compile_batch(functools.partial(
+        data.train_batch, batch_size=config.batch_size, padding=padding, flip=config.flip))
     make_batch = lambda step: cut_batch(train_images, train_labels, mean, data_key, step)  # noqa
 
     eval_bs = max(backend.num_devices, config.eval_batch_size // backend.num_devices
@@ -264,14 +262,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return out
 
     state = backend.put_state(state)
-    pending, t_start, step_start = [], None, start
-    record = {}
+    pending, record, t_start, step_start = [], {}, None, start
     for step in range(start, config.total_steps):
         state, metrics = train_step(state, make_batch(step))
         pending.append(metrics)
+        if len(pending) > 2:
+            # Let the host run at most two steps ahead: a deeper queue gains nothing, and on
+            # simulated CPU devices it can starve a device of threads inside a collective.
+            jax.block_until_ready(pending[-3])
         done = step + 1
-        if done == start + 1 or done % config.log_every_steps == 0 or done == config.total_steps:
-            fetched = jax.device_get(pending)
+        if t_start is None:  # the first step compiles: measure speed from after it
+            jax.block_until_ready(metrics)
+            t_start, step_start = time.perf_counter(), done
+        last = done == config.total_steps
+        evaluate_now = done % config.eval_every_steps == 0 or last
+        if done % config.log_every_steps == 0 or evaluate_now:
+            fetched, pending = jax.device_get(pending), []
             if not all(math.isfinite(m["loss"]) for m in fetched):
                 raise FloatingPointError(
                     f"loss is not finite at step {done}; the last good checkpoint is kept: "
@@ -279,26 +285,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             record = {"train/loss": np.mean([m["loss"] for m in fetched]),
                       "train/error": np.mean([m["error"] for m in fetched]),
                       "lr": fetched[-1]["lr"], "grad_norm": fetched[-1]["grad_norm"]}
-            now = time.perf_counter()
             seconds_left = None
-            if t_start is None:  # the first step compiles: time from after it
-                t_start, step_start = now, done
-            elif done > step_start:
-                rate = (done - step_start) / (now - t_start)
+            if done > step_start:
+                rate = (done - step_start) / (time.perf_counter() - t_start)
                 record["examples_per_sec"] = rate * config.batch_size
                 seconds_left = (config.total_steps - done) / rate
-            pending = []
-            if done % config.eval_every_steps == 0 or done == config.total_steps:
+            if evaluate_now:
                 record |= evaluate(backend.get_state(state))
-            if done % config.log_every_steps == 0 or done == config.total_steps:
-                writer.write(done, record)
-                writer.progress(done, record, seconds_left)
-        if done % config.checkpoint_every_steps == 0 or done == config.total_steps:
+            writer.write(done, record)
+            writer.progress(done, record, seconds_left)
+        if done % config.checkpoint_every_steps == 0 or last:
             checkpointer.save(done, backend.get_state(state))
 
     checkpointer.close()
     writer.close()
-    final = record if "test/error" in record else evaluate(backend.get_state(state)) | record
+    # A run restored at its last step (killed before writing its summary) trained nothing now.
+    final = record or writer.last_record()
     summary = {"step": config.total_steps, "train/error": float(final["train/error"]),
                "train/loss": float(final["train/loss"]), "test/error": float(final["test/error"])}
     if "val/error" in final:

@@ -175,15 +175,6 @@ def test_folder_interrupted_cache_write_leaves_nothing_to_read(tmp_path, monkeyp
     assert_splits_equal(data.load(f"folder:{tmp_path}").test, data.Split(*expected["test"]))
 
 
-def test_folder_parallel_decode_matches_the_files(tmp_path, monkeypatch):
-    expected = make_tree(tmp_path)
-    monkeypatch.setattr(data, "_PARALLEL_MIN_IMAGES", 0)
-    monkeypatch.setattr(data, "_CHUNK", 4)  # Several chunks, so their order matters.
-    ds = data.load(f"folder:{tmp_path}")
-    assert_splits_equal(ds.train, data.Split(*expected["train"]))
-    assert_splits_equal(ds.test, data.Split(*expected["test"]))
-
-
 def truncated_png(path):
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), np.uint8)).save(
@@ -208,11 +199,8 @@ BROKEN_TREES = {  # name: (how to break a good tree, what the message must name)
 }
 
 
-@pytest.mark.parametrize("case, parallel", [(case, False) for case in BROKEN_TREES] + [
-    ("mixed sizes", True), ("truncated", True)])  # Errors raised in workers must survive the trip.
-def test_folder_errors_are_one_line_and_name_the_problem(tmp_path, monkeypatch, case, parallel):
-    if parallel:
-        monkeypatch.setattr(data, "_PARALLEL_MIN_IMAGES", 0)
+@pytest.mark.parametrize("case", list(BROKEN_TREES))
+def test_folder_errors_are_one_line_and_name_the_problem(tmp_path, case):
     make_tree(tmp_path)
     break_tree, fragments = BROKEN_TREES[case]
     break_tree(tmp_path)

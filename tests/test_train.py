@@ -1,0 +1,90 @@
+"""Training facts: the schedule, the batches, a loss that falls, and a real CIFAR-10 run."""
+
+import json
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_jax import data, parallel, train
+from resnet_jax.configs import cifar
+from tests.conftest import SHARED_DATASETS
+
+
+def test_schedule_is_the_papers():
+    c = cifar.get_config("depth=110")
+    c.warmup_steps = 400
+    lr = train.create_lr_schedule(c)
+    got = [float(lr(s)) for s in (0, 399, 400, 31_999, 32_000, 47_999, 48_000, 63_999)]
+    np.testing.assert_allclose(got, [0.01, 0.01, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
+
+
+def test_batches_are_functions_of_seed_and_step():
+    images = np.arange(10 * 4 * 4 * 1, dtype=np.uint8).reshape(10, 4, 4, 1)
+    labels = np.arange(10, dtype=np.int32)
+    mean = np.zeros((4, 4, 1), np.float32)
+    key = jax.random.key(0)
+    cut = jax.jit(lambda step: data.train_batch(images, labels, mean, key, step, batch_size=5,
+                                                padding=1, flip=True))
+    a, b = cut(3), cut(3)
+    np.testing.assert_array_equal(a["image"], b["image"])
+    # One epoch (2 steps of 5) visits every example once; the next epoch reshuffles.
+    epoch0 = np.concatenate([cut(0)["label"], cut(1)["label"]])
+    epoch1 = np.concatenate([cut(2)["label"], cut(3)["label"]])
+    assert sorted(epoch0) == list(range(10)) and sorted(epoch1) == list(range(10))
+    assert not np.array_equal(epoch0, epoch1)
+    assert a["image"].shape == (5, 4, 4, 1)
+
+
+def test_augmentation_crops_and_flips():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (64, 8, 8, 3), dtype=np.uint8)
+    mean = np.zeros((8, 8, 3), np.float32)
+    out = data.train_batch(images, np.zeros(64, np.int32), mean, jax.random.key(1), 0,
+                           batch_size=64, padding=2, flip=True)
+    perm_images = images[np.asarray(jax.random.permutation(
+        jax.random.split(jax.random.fold_in(jax.random.key(1), 0))[0], 64))]
+    x = np.asarray(out["image"])
+    src = perm_images.astype(np.float32) / 255.0
+    # Each output is its source shifted by at most 2 pixels and maybe mirrored.
+    unchanged = [np.allclose(x[i], src[i]) for i in range(64)]
+    flipped_only = [np.allclose(x[i], src[i][:, ::-1]) for i in range(64)]
+    assert 0 < sum(unchanged) + sum(flipped_only) < 64
+
+
+def test_loss_falls_on_a_fixed_batch():
+    c = cifar.get_config("depth=8")
+    c.batch_size = 16
+    backend = parallel.create_backend("jit", 16, 8)
+    _, state, step = train.create_training(c, backend, num_classes=10, in_channels=3)
+    rng = np.random.default_rng(0)
+    batch = jax.device_put({"image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
+                            "label": rng.integers(0, 10, 16).astype(np.int32)},
+                           backend.data_sharding)
+    losses = []
+    state = backend.put_state(state)
+    for _ in range(30):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.2 * losses[0]
+    assert int(state.step) == 30
+
+
+@pytest.mark.skipif(not (SHARED_DATASETS / "cifar10_jpeg.tar.gz").exists(),
+                    reason="needs ../shared/datasets/cifar10_jpeg.tar.gz")
+def test_short_real_cifar10_run_learns(tmp_path):
+    """5,000 real CIFAR-10 training images (JPEG copy), ResNet-8, 240 steps of 32."""
+    subprocess.run(["tar", "xzf", str(SHARED_DATASETS / "cifar10_jpeg.tar.gz"), "-C",
+                    str(tmp_path), "--wildcards", "cifar10_jpeg/train/*/0[0-4]??.jpg",
+                    "cifar10_jpeg/test/*/00??.jpg"], check=True)
+    c = cifar.get_config(f"depth=8,dataset=folder:{tmp_path}/cifar10_jpeg")
+    c.batch_size, c.total_steps, c.log_every_steps = 32, 240, 40
+    c.eval_every_steps = c.checkpoint_every_steps = 240
+    summary = train.train_and_evaluate(c, str(tmp_path / "run"))
+    # Chance is 90 % error on 10 classes.
+    assert summary["train/error"] < 72
+    assert summary["test/error"] < 75
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["train/error"] > summary["train/error"] + 10
