@@ -32,7 +32,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Keys that may change when a run resumes: they do not change what is computed.
 RESUMABLE_KEYS = {"total_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
                   "keep_checkpoints", "eval_batch_size", "parallelism", "num_devices",
-                  "tfds_data_dir"}
+                  "tfds_data_dir", "max_converged_train_error"}
 
 
 class ConfigError(ValueError):
@@ -305,7 +305,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                "train/loss": float(final["train/loss"]), "test/error": float(final["test/error"])}
     if "val/error" in final:
         summary["val/error"] = float(final["val/error"])
+    summary["converged"] = summary["train/error"] <= config.max_converged_train_error
     _write_json(summary_path, summary)
     print(f"finished: train error {summary['train/error']:.2f}%, "
-          f"test error {summary['test/error']:.2f}% -> {summary_path}", flush=True)
+          f"test error {summary['test/error']:.2f}%"
+          + ("" if summary["converged"] else " (not converged)") + f" -> {summary_path}",
+          flush=True)
     return summary

@@ -13,11 +13,11 @@ from resnet_jax.configs import cifar, parse_arg
 
 def get_config(arg=None):
     a = parse_arg(arg, depth=50, residual=True, shortcut="B", block="post",
-                  dataset="imagenet2012")
+                  dataset="imagenet2012", seed=0)
     c = cifar.get_config()
     c.model = "imagenet"
     c.depth, c.residual, c.shortcut, c.block = a["depth"], a["residual"], a["shortcut"], a["block"]
-    c.dataset = a["dataset"]
+    c.dataset, c.seed, c.warmup_steps = a["dataset"], a["seed"], 0
     c.batch_size = 256
     steps_per_epoch = 1_281_167 // 256
     c.total_steps = 90 * steps_per_epoch
