@@ -9,7 +9,9 @@ One family expresses every variant:
 
 Models hold no mesh, device or process logic. Batch norm is told from outside (`BatchNormConfig`)
 which examples share statistics: the training side sets the axis name or the group size.
-Call a model as `model(images, train=True|False)`; NHWC images, logits out in float32.
+Call a model as `model(images, train=True|False)`, or `forward(model, images, train=...)` for
+the logits and the depth diagnostics (Fig. 7 responses, branch ratios); NHWC images, float32
+logits.
 """
 
 from __future__ import annotations
@@ -101,6 +103,41 @@ def conv(cin: int, cout: int, k: int, stride: int, dtype, rngs: nnx.Rngs) -> nnx
     )
 
 
+def sow_response(module: nnx.Module, y: jax.Array) -> None:
+    """Records the std of a 3x3 layer's response (after BN, before the nonlinearity or the
+    addition): He et al. 2015, Fig. 7. Read through `forward`; when nobody reads it, XLA drops
+    the reduction."""
+    module.sow(nnx.Intermediate, "response_std", jnp.std(y.astype(jnp.float32)))
+
+
+def sow_branch_ratio(module: nnx.Module, branch: jax.Array, shortcut: jax.Array) -> None:
+    """Records ||F(x)|| / ||shortcut(x)||: how much a residual block changes its input."""
+    norm = lambda a: jnp.sqrt(jnp.sum(jnp.square(a.astype(jnp.float32))))  # noqa: E731
+    module.sow(nnx.Intermediate, "branch_ratio", norm(branch) / (norm(shortcut) + 1e-12))
+
+
+def sown_diagnostics(sown: nnx.State) -> dict[str, list[jax.Array]]:
+    """The sown values of one forward pass, in layer order: `response_std` per 3x3 layer and
+    `branch_ratio` per residual block."""
+    blocks = sown.get("blocks", {})
+    order = sorted(blocks, key=int)
+    out = {"response_std": list(sown["response_std"]) if "response_std" in sown else []}
+    out["response_std"] += [v for i in order for v in blocks[i].get("response_std", ())]
+    out["branch_ratio"] = [v for i in order for v in blocks[i].get("branch_ratio", ())]
+    return out
+
+
+def forward(model: nnx.Module, x: jax.Array, *, train: bool):
+    """(logits, diagnostics) of one pass; the diagnostics cost nothing unless they are used."""
+    logits, sown = nnx.capture(model, nnx.Intermediate)(x, train=train)
+    return logits, sown_diagnostics(sown)
+
+
+def layer_response_stds(model: "ResNet", images: jax.Array) -> list[float]:
+    """Std of every 3x3 layer's response on `images` (eval mode), in layer order."""
+    return [float(v) for v in forward(model, images, train=False)[1]["response_std"]]
+
+
 class Shortcut(nnx.Module):
     """The paper's shortcut options (Sec. 3.3): what is added to the residual branch's output.
 
@@ -144,6 +181,7 @@ class Block(nnx.Module):
             specs = [(cin, mid, 1, 1), (mid, mid, 3, stride), (mid, cout, 1, 1)]
         else:
             specs = [(cin, cout, 3, stride), (cout, cout, 3, 1)]
+        self.kernel_sizes = tuple(k for _, _, k, _ in specs)
         self.convs = nnx.List([conv(i, o, k, s, dtype, rngs) for i, o, k, s in specs])
         # Post-activation normalises each conv's output; pre-activation each conv's input.
         bn_features = [i for i, *_ in specs] if preact else [o for _, o, *_ in specs]
@@ -163,15 +201,21 @@ class Block(nnx.Module):
             if self.shortcut is None:
                 return y
             # Projections see the pre-activated input; identity shortcuts the raw input.
-            return y + self.shortcut(pre if self.shortcut.project else x, train=train)
+            shortcut = self.shortcut(pre if self.shortcut.project else x, train=train)
+            sow_branch_ratio(self, y, shortcut)
+            return y + shortcut
         y = x
         last = len(self.convs) - 1
         for i, (c, bn) in enumerate(zip(self.convs, self.bns)):
             y = bn(c(y), train=train)
+            if self.kernel_sizes[i] == 3:
+                sow_response(self, y)
             if i < last:
                 y = nnx.relu(y)
         if self.shortcut is not None:
-            y = y + self.shortcut(x, train=train)
+            shortcut = self.shortcut(x, train=train)
+            sow_branch_ratio(self, y, shortcut)
+            y = y + shortcut
         return nnx.relu(y)
 
 
@@ -191,6 +235,7 @@ class ResNet(nnx.Module):
         # Post-activation nets normalise the stem; pre-activation nets normalise before the head.
         self.stem_bn = None if preact else BatchNorm(stem_width, bn)
         blocks, cin = [], stem_width
+        self.stage_of_block = tuple(i for i, n in enumerate(stage_sizes) for _ in range(n))
         for i, (n, width) in enumerate(zip(stage_sizes, stage_widths)):
             cout = width * 4 if bottleneck else width
             for j in range(n):
@@ -206,7 +251,10 @@ class ResNet(nnx.Module):
     def __call__(self, x, *, train: bool):
         x = self.stem(x.astype(self.dtype))
         if self.stem_bn is not None:
-            x = nnx.relu(self.stem_bn(x, train=train))
+            x = self.stem_bn(x, train=train)
+            if self.stem_kind == "cifar":
+                sow_response(self, x)
+            x = nnx.relu(x)
         if self.stem_kind == "imagenet":
             x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for block in self.blocks:
@@ -226,15 +274,17 @@ def check_architecture(family: str, depth: int, width: int = 1) -> None:
         raise ValueError(f"ImageNet depth {depth} is not in Table 1: use one of "
                          + ", ".join(map(str, IMAGENET_STAGES)))
     if width < 1:
-        raise ValueError(f"width {width} must be a positive integer multiplier, e.g. width=1")
+        raise ValueError(f"width {width} must be a positive integer, e.g. width=1")
 
 
-def cifar_resnet(depth: int, *, width: int = 1, num_classes: int = 10, **kwargs) -> ResNet:
-    """The CIFAR family of Sec. 4.2: depth 6n+2, n basic blocks per stage of 16/32/64 x width."""
-    check_architecture("cifar", depth, width)
-    n = (depth - 2) // 6
-    return ResNet(stem="cifar", stage_sizes=(n, n, n), stage_widths=(16 * width, 32 * width,
-                  64 * width), bottleneck=False, num_classes=num_classes, **kwargs)
+def cifar_resnet(depth: int, *, width: int = 1, base_width: int = 16, num_classes: int = 10,
+                 **kwargs) -> ResNet:
+    """The CIFAR family of Sec. 4.2: depth 6n+2, n basic blocks per stage of 16/32/64 filters
+    (`base_width` x 1/2/4, times the multiplier `width`; narrower nets for CPU-scale sweeps)."""
+    check_architecture("cifar", depth, width * base_width)
+    n, w = (depth - 2) // 6, base_width * width
+    return ResNet(stem="cifar", stage_sizes=(n, n, n), stage_widths=(w, 2 * w, 4 * w),
+                  bottleneck=False, num_classes=num_classes, **kwargs)
 
 
 def imagenet_resnet(depth: int, *, width: int = 1, num_classes: int = 1000, **kwargs) -> ResNet:

@@ -56,7 +56,7 @@ def describe(model: nnx.Module, image_shape) -> dict:
     graphdef, state = nnx.split(model)
 
     def forward(state, x):
-        return nnx.merge(graphdef, state)(x, train=False)
+        return models.forward(nnx.merge(graphdef, state), x, train=False)[0]
 
     rows = layers(model)
     # Weighted layers as the paper counts depth: convs on the main path and the dense layer.
@@ -75,7 +75,8 @@ def describe_config(config) -> dict:
     image_shape, num_classes = data.shape_of(config.dataset)
     model = train.create_model(config, num_classes=num_classes, in_channels=image_shape[-1])
     return {"config": f"{config.model} depth={config.depth} residual={config.residual} "
-                      f"shortcut={config.shortcut} block={config.block} width={config.width}",
+                      f"shortcut={config.shortcut} block={config.block} width={config.width}"
+                      + (f" base_width={config.base_width}" if config.model == "cifar" else ""),
             **describe(model, image_shape)}
 
 

@@ -30,7 +30,7 @@ from resnet_jax.metrics import MetricsWriter
 BLOCKS = {"post": False, "pre": True}  # block -> pre-activation?
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Keys that may change when a run resumes: they do not change what is computed.
-RESUMABLE_KEYS = {"total_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+RESUMABLE_KEYS = {"total_steps", "log_every_steps", "log_diagnostics", "eval_every_steps", "checkpoint_every_steps",
                   "keep_checkpoints", "eval_batch_size", "parallelism", "num_devices",
                   "tfds_data_dir", "max_converged_train_error"}
 
@@ -63,7 +63,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     need(list(config.lr_boundaries_steps) == sorted(config.lr_boundaries_steps),
          f"lr_boundaries_steps={tuple(config.lr_boundaries_steps)} must be increasing")
     try:
-        models.check_architecture(config.model, config.depth, config.width)
+        models.check_architecture(config.model, config.depth,
+                                  config.width * (config.base_width if config.model == "cifar"
+                                                  else 1))
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -71,7 +73,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def create_model(config, *, num_classes: int, in_channels: int,
                  bn: models.BatchNormConfig | None = None, rngs: nnx.Rngs | None = None):
     bn = bn or models.BatchNormConfig(momentum=config.bn_momentum)
-    family = models.cifar_resnet if config.model == "cifar" else models.imagenet_resnet
+    if config.model == "cifar":
+        family = functools.partial(models.cifar_resnet, base_width=config.base_width)
+    else:
+        family = models.imagenet_resnet
     return family(config.depth, width=config.width, num_classes=num_classes,
                   in_channels=in_channels, residual=config.residual, shortcut=config.shortcut,
                   preact=BLOCKS[config.block], dtype=DTYPES[config.dtype], bn=bn,
@@ -115,25 +120,35 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation):
     return graphdef, state
 
 
-def make_train_step(graphdef, tx, schedule, axis_name: str | None = None):
-    """The pure train step on one global batch (or, under pmap, on this device's share)."""
+def make_train_step(graphdef, tx, schedule, axis_name: str | None = None,
+                    stage_of_block: tuple[int, ...] | None = None):
+    """The pure train step on one global batch (or, under pmap, on this device's share).
+
+    With `stage_of_block` (the model's block -> stage map) the metrics carry the depth
+    diagnostics: gradient norm per stage, ||F(x)|| / ||x|| per residual block and the std of
+    every 3x3 layer's response (He et al. 2015, Fig. 7), all scalars computed in the same pass.
+    """
+    diagnose = stage_of_block is not None
 
     def loss_fn(params, batch_stats, batch):
         model = nnx.merge(graphdef, params, batch_stats, copy=True)  # fresh Variables per trace
-        logits = model(batch["image"], train=True)
+        logits, sown = models.forward(model, batch["image"], train=True)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
         error = 100.0 * jnp.mean(jnp.argmax(logits, -1) != batch["label"])
-        return loss, (error, nnx.state(model, nnx.BatchStat))
+        return loss, (error, nnx.state(model, nnx.BatchStat), sown if diagnose else {})
 
     def train_step(state: TrainState, batch):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (error, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch)
-        grads, loss, error, batch_stats = parallel.pmean_if((grads, loss, error, batch_stats),
-                                                            axis_name)
+        (loss, (error, batch_stats, sown)), grads = grad_fn(state.params, state.batch_stats,
+                                                            batch)
+        grads, loss, error, batch_stats, sown = parallel.pmean_if(
+            (grads, loss, error, batch_stats, sown), axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "error": error, "lr": schedule(state.step),
                    "grad_norm": optax.tree.norm(grads)}
+        if diagnose:
+            metrics |= _diagnostics(grads, sown, stage_of_block)
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                                   opt_state=opt_state)
         return new_state, metrics
@@ -141,14 +156,24 @@ def make_train_step(graphdef, tx, schedule, axis_name: str | None = None):
     return train_step
 
 
+def _diagnostics(grads, sown, stage_of_block) -> dict[str, jax.Array]:
+    sq = lambda tree: sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(tree))  # noqa: E731
+    per_stage = [0.0] * (max(stage_of_block) + 1)
+    for i, stage in enumerate(stage_of_block):
+        per_stage[stage] = per_stage[stage] + sq(grads["blocks"][i])
+    out = {f"grad_norm/stage{k + 1}": jnp.sqrt(v) for k, v in enumerate(per_stage)}
+    out |= {f"branch_ratio/block{i:03d}": v for i, v in enumerate(sown["branch_ratio"])}
+    out |= {f"response_std/layer{i:03d}": v for i, v in enumerate(sown["response_std"])}
+    return out
+
+
 def make_eval_step(graphdef):
     """Loss and error (%) over a whole uint8 split laid out as (num_batches, batch, ...)."""
 
     def eval_step(state: TrainState, batches, mean):
-        model = nnx.merge(graphdef, state.params, state.batch_stats)
-
         def one(batch):
-            logits = model(data.normalize(batch["image"], mean), train=False)
+            model = nnx.merge(graphdef, state.params, state.batch_stats, copy=True)
+            logits, _ = models.forward(model, data.normalize(batch["image"], mean), train=False)
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
             wrong = jnp.argmax(logits, -1) != batch["label"]
             m = batch["mask"]
@@ -168,8 +193,31 @@ def create_training(config, backend: parallel.Backend, *, num_classes: int, in_c
     schedule = create_lr_schedule(config)
     tx = create_optimizer(config, schedule)
     graphdef, state = create_train_state(model, tx)
-    step = backend.compile_step(make_train_step(graphdef, tx, schedule, backend.axis_name))
+    stages = model.stage_of_block if config.log_diagnostics else None
+    step = backend.compile_step(make_train_step(graphdef, tx, schedule, backend.axis_name,
+                                                stages))
     return graphdef, jax.device_put(state, backend.replicated), step
+
+
+def load_trained(workdir: str | pathlib.Path):
+    """(model, config, dataset) of a run's latest checkpoint: for analyses after training."""
+    workdir = pathlib.Path(workdir)
+    if not (workdir / "config.json").exists():
+        raise ConfigError(f"{workdir} holds no run (no config.json): pass a run's --workdir")
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    ds = data.load(config.dataset, validation_size=config.validation_size,
+                   tfds_data_dir=config.tfds_data_dir or None)
+    model = create_model(config, num_classes=ds.num_classes,
+                         in_channels=ds.train.images.shape[-1])
+    graphdef, state = create_train_state(model, create_optimizer(config,
+                                                                 create_lr_schedule(config)))
+    if not (workdir / "checkpoints").is_dir():
+        raise ConfigError(f"{workdir} has no checkpoints: train it first")
+    restored = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints).restore_latest(
+        state)
+    if restored is None:
+        raise ConfigError(f"{workdir} has no readable checkpoint: train it first")
+    return nnx.merge(graphdef, restored.params, restored.batch_stats), config, ds
 
 
 # --- The loop ------------------------------------------------------------------------------
@@ -282,9 +330,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 raise FloatingPointError(
                     f"loss is not finite at step {done}; the last good checkpoint is kept: "
                     "lower learning_rate or set warmup_steps")
-            record = {"train/loss": np.mean([m["loss"] for m in fetched]),
-                      "train/error": np.mean([m["error"] for m in fetched]),
-                      "lr": fetched[-1]["lr"], "grad_norm": fetched[-1]["grad_norm"]}
+            # Loss and error average the window; the rest (lr, diagnostics) is its last step.
+            record = {**fetched[-1], "train/loss": np.mean([m["loss"] for m in fetched]),
+                      "train/error": np.mean([m["error"] for m in fetched])}
+            del record["loss"], record["error"]
             seconds_left = None
             if done > step_start:
                 rate = (done - step_start) / (time.perf_counter() - t_start)

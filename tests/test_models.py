@@ -62,7 +62,8 @@ def test_plain_net_has_no_shortcut_path():
     res = models.cifar_resnet(8, rngs=nnx.Rngs(0))
     plain = models.cifar_resnet(8, residual=False, rngs=nnx.Rngs(0))
     # Same initial weights, different function: the residual net adds its shortcuts.
-    assert not np.allclose(res(x, train=False), plain(x, train=False))
+    assert not np.allclose(models.forward(res, x, train=False)[0],
+                           models.forward(plain, x, train=False)[0])
 
 
 @pytest.mark.parametrize("preact", [False, True])
@@ -70,15 +71,16 @@ def test_plain_net_has_no_shortcut_path():
 def test_forward_shapes(preact, shortcut):
     model = models.cifar_resnet(8, shortcut=shortcut, preact=preact, num_classes=7,
                                 in_channels=1, rngs=nnx.Rngs(0))
-    assert model(jnp.ones((2, 8, 8, 1)), train=True).shape == (2, 7)
+    assert models.forward(model, jnp.ones((2, 8, 8, 1)), train=True)[0].shape == (2, 7)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():
     model = models.cifar_resnet(8, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     assert {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {np.dtype("float32")}
-    out = model(jnp.ones((2, 32, 32, 3)), train=True)
+    out, _ = models.forward(model, jnp.ones((2, 32, 32, 3)), train=True)
     assert out.dtype == jnp.float32
-    jaxpr = jax.make_jaxpr(lambda x: model(x, train=False))(jnp.ones((1, 32, 32, 3)))
+    jaxpr = jax.make_jaxpr(lambda x: models.forward(model, x, train=False)[0])(
+        jnp.ones((1, 32, 32, 3)))
     convs = [e for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
     assert convs and all(e.outvars[0].aval.dtype == jnp.bfloat16 for e in convs)
 

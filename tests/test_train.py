@@ -88,3 +88,27 @@ def test_short_real_cifar10_run_learns(tmp_path):
     assert summary["test/error"] < 75
     first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["train/error"] > summary["train/error"] + 10
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_depth_diagnostics_are_in_the_metrics(residual):
+    c = cifar.get_config(f"depth=8,residual={residual}")
+    c.batch_size = 16
+    backend = parallel.create_backend("pmap", 16, 8)
+    _, state, step = train.create_training(c, backend, num_classes=10, in_channels=3)
+    rng = np.random.default_rng(0)
+    batch = jax.device_put({"image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
+                            "label": rng.integers(0, 10, 16).astype(np.int32)},
+                           backend.data_sharding)
+    _, metrics = step(backend.put_state(state), batch)
+    keys = set(metrics)
+    assert {"grad_norm/stage1", "grad_norm/stage2", "grad_norm/stage3"} <= keys
+    # ResNet-8: the stem and 2 convs in each of 3 blocks are 3x3 layers.
+    assert {k for k in keys if k.startswith("response_std/")} == {
+        f"response_std/layer{i:03d}" for i in range(7)}
+    ratios = {k for k in keys if k.startswith("branch_ratio/")}
+    assert ratios == ({f"branch_ratio/block{i:03d}" for i in range(3)} if residual else set())
+    stages = [float(metrics[f"grad_norm/stage{k}"]) for k in (1, 2, 3)]
+    # The stages are part of the whole gradient; the stem and head make up the rest.
+    assert 0 < np.sqrt(sum(s * s for s in stages)) < float(metrics["grad_norm"])
+    assert all(float(metrics[k]) > 0 for k in keys if "/" in k)

@@ -3,7 +3,7 @@
     resnet-jax train --config=resnet_jax/configs/cifar.py:depth=56,residual=false --workdir=DIR
 
 Arguments after the colon: depth (6n+2), residual (true/false), shortcut (A/B/C), block
-(post/pre), width (multiplier of 16/32/64 filters), dataset (cifar10, cifar100, digits, synthetic,
+(post/pre), width (multiplier of 16/32/64 filters), base_width (16), dataset (cifar10, cifar100, digits, synthetic,
 folder:<path>), seed. Every number below is a config key: override with --config.KEY=VALUE.
 
 Recipe (Sec. 4.2): SGD, momentum 0.9, lr 0.1 divided by 10 at 32k and 48k iterations, 64k in
@@ -19,7 +19,7 @@ from resnet_jax.configs import parse_arg
 
 def get_config(arg=None):
     a = parse_arg(arg, depth=20, residual=True, shortcut="A", block="post", width=1,
-                  dataset="cifar10", seed=0)
+                  base_width=16, dataset="cifar10", seed=0)
     c = ml_collections.ConfigDict()
     # Model.
     c.model = "cifar"
@@ -27,7 +27,8 @@ def get_config(arg=None):
     c.residual = a["residual"]
     c.shortcut = a["shortcut"]
     c.block = a["block"]  # 'post' (He et al. 2015) or 'pre' (He et al. 2016)
-    c.width = a["width"]
+    c.width = a["width"]  # multiplier of the stage widths
+    c.base_width = a["base_width"]  # filters of the first stage: 16 in the paper
     c.dtype = "float32"  # compute dtype; parameters stay float32 ('bfloat16' for speed)
     c.bn_momentum = 0.9
     # 0: batch-norm statistics over the whole global batch. The paper ran 2 GPUs x 64 images,
@@ -58,6 +59,9 @@ def get_config(arg=None):
     c.num_devices = 0  # 0 = all local devices
     c.seed = a["seed"]  # initialisation, data order and augmentation all follow from it
     c.log_every_steps = 100
+    # Depth diagnostics in every record: gradient norm per stage, ||F(x)||/||x|| per residual
+    # block, std of each 3x3 layer's response (Fig. 7). Scalars from the same forward pass.
+    c.log_diagnostics = True
     c.eval_every_steps = 2_000
     c.eval_batch_size = 1_000
     c.checkpoint_every_steps = 2_000

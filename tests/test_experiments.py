@@ -1,0 +1,114 @@
+"""The degradation experiment end to end on its smoke preset, its sweep, and the paper preset."""
+
+import json
+
+import pytest
+
+from experiments import degradation, layer_responses
+from experiments.sweep import Run, run_sweep
+from tests.test_data import write_prepared_tfds
+
+
+@pytest.fixture(scope="module")
+def smoke_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smoke")
+    assert degradation.main(["--preset=smoke", f"--root={root}"]) == 0
+    return root
+
+
+def test_smoke_preset_writes_figure_table_and_numbers(smoke_root):
+    for name in ("degradation.png", "degradation.pdf", "degradation.md", "degradation.csv",
+                 "degradation.json"):
+        assert (smoke_root / name).stat().st_size > 0
+    numbers = json.loads((smoke_root / "degradation.json").read_text())
+    assert [r["net"] for r in numbers["table"]] == ["plain-8", "plain-14", "ResNet-8",
+                                                     "ResNet-14"]
+    assert len(numbers["runs"]) == 4
+    table = (smoke_root / "degradation.md").read_text()
+    assert "| plain-14 | 1 |" in table
+    # Each run's directory name states its arguments.
+    assert (smoke_root / "depth=14,residual=false,width=1,dataset=digits,seed=0" /
+            "summary.json").exists()
+
+
+def test_rerun_trains_only_what_is_missing(smoke_root, capsys):
+    victim = smoke_root / "depth=8,residual=true,width=1,dataset=digits,seed=0"
+    others = {p: p.stat().st_mtime_ns for p in smoke_root.glob("*/summary.json") if
+              p.parent != victim}
+    (victim / "summary.json").unlink()
+    capsys.readouterr()
+    assert degradation.main(["--preset=smoke", f"--root={smoke_root}"]) == 0
+    out = capsys.readouterr().out
+    assert "[sweep] 3/4 done, 0 running, 1 left" in out
+    assert "resuming from step 6" in out  # the interrupted run resumed from its checkpoint
+    assert (victim / "summary.json").exists()
+    assert all(p.stat().st_mtime_ns == t for p, t in others.items())
+
+
+def test_plot_only_redraws_without_training(smoke_root, capsys):
+    (smoke_root / "degradation.png").unlink()
+    assert degradation.main(["--preset=smoke", f"--root={smoke_root}", "--plot-only"]) == 0
+    assert (smoke_root / "degradation.png").exists()
+    assert "[sweep]" not in capsys.readouterr().out
+
+
+def test_plot_only_on_an_empty_root_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no finished runs under"):
+        degradation.main(["--preset=smoke", f"--root={tmp_path}", "--plot-only"])
+
+
+def test_failed_runs_are_named_not_averaged():
+    ok = {"converged": True, "train/error": 5.0, "test/error": 7.0}
+    bad = {"converged": False, "train/error": 89.0, "test/error": 90.0}
+    results = [{"depth": 110, "residual": False, "seed": s, "summary": summary}
+               for s, summary in enumerate([ok, bad])]
+    (row,) = degradation.table(results)
+    assert row["not_converged_seeds"] == [1]
+
+
+def test_paper_preset_is_the_papers_sweep():
+    runs = degradation.PRESETS["paper"].runs()
+    assert len(runs) == 5 * 2 * 5 + 5  # 20-110 plain and residual, 5 seeds; ResNet-1202
+    config = next(r for r in runs if r.arg.startswith("depth=110,residual=true")).build()
+    assert (config.total_steps, tuple(config.lr_boundaries_steps)) == (64_000, (32_000, 48_000))
+    assert (config.warmup_steps, config.batch_size, config.dataset) == (400, 128, "cifar10")
+    assert next(r for r in runs if r.arg.startswith("depth=56")).build().warmup_steps == 0
+    assert not any(r.arg.startswith("depth=1202,residual=false") for r in runs)
+
+
+def test_paper_preset_trains_from_tfds(tmp_path):
+    """The paper preset's first run, shrunk, through the real tfds.data_source path."""
+    write_prepared_tfds(tmp_path / "tfds", "cifar10", n_train=64, n_test=16)
+    run = degradation.PRESETS["paper"].runs()[0]
+    run = Run(run.arg, {**run.overrides, "total_steps": 2, "batch_size": 16,
+                        "log_every_steps": 1, "eval_every_steps": 2,
+                        "checkpoint_every_steps": 2, "tfds_data_dir": str(tmp_path / "tfds")})
+    run_sweep([run], tmp_path / "root")
+    summary = json.loads((tmp_path / "root" / run.name / "summary.json").read_text())
+    assert summary["step"] == 2
+
+
+def test_sweep_runs_several_processes_at_once(tmp_path):
+    runs = [Run(f"depth=8,residual={r},dataset=digits",
+                {"total_steps": 2, "batch_size": 16, "log_every_steps": 1,
+                 "eval_every_steps": 2, "checkpoint_every_steps": 2})
+            for r in ("true", "false")]
+    run_sweep(runs, tmp_path, processes=2)
+    for run in runs:
+        assert json.loads((tmp_path / run.name / "summary.json").read_text())["step"] == 2
+
+
+def test_layer_responses_of_the_smoke_sweep(smoke_root):
+    assert layer_responses.main([f"--root={smoke_root}", "--depths=8,14",
+                                 "--num-images=32"]) == 0
+    stds = json.loads((smoke_root / "layer_responses.json").read_text())
+    # One std per 3x3 layer: the stem and two per block (depth - 2 = 2 per block x blocks).
+    assert {k: len(v) for k, v in stds.items()} == {"plain-8": 7, "ResNet-8": 7,
+                                                    "plain-14": 13, "ResNet-14": 13}
+    assert all(v > 0 for values in stds.values() for v in values)
+    assert (smoke_root / "layer_responses.png").stat().st_size > 0
+
+
+def test_layer_responses_without_runs_is_a_clear_error(tmp_path, capsys):
+    assert layer_responses.main([f"--root={tmp_path}"]) == 2
+    assert "run python -m experiments.degradation first" in capsys.readouterr().err
