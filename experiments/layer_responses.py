@@ -48,6 +48,7 @@ def plot(found: dict, root: pathlib.Path, title: str) -> None:
     axes[1].set_xlabel("layer index (sorted by magnitude)")
     for ax in axes:
         ax.set_ylabel("std")
+        ax.set_yscale("log")  # a plain net that failed to train can respond 1000x larger
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)

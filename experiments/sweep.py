@@ -67,14 +67,16 @@ def run_sweep(runs: list[Run], root: pathlib.Path, *, processes: int = 1) -> Non
     root.mkdir(parents=True, exist_ok=True)
     todo = [r for r in runs if not is_finished(root / r.name, r.build().total_steps)]
     done_before = len(runs) - len(todo)
-    start, finished, running = time.time(), 0, {}
+    # Time left is extrapolated by cost = iterations x depth: a 110-layer run is not a 20's.
+    cost = {r.name: r.build().total_steps * r.build().get("depth", 1) for r in todo}
+    start, finished, running, done_cost = time.time(), 0, {}, 0
 
     def report():
         left = len(todo) - finished - len(running)
         eta = ""
-        if finished:
-            per_run = (time.time() - start) / finished
-            eta = f", about {(left + len(running)) * per_run / max(processes, 1) / 60:.0f} min left"
+        if done_cost:
+            remaining = sum(cost.values()) - done_cost
+            eta = f", about {(time.time() - start) / done_cost * remaining / 60:.0f} min left"
         print(f"[sweep] {done_before + finished}/{len(runs)} done, {len(running)} running, "
               f"{left} left{eta}", flush=True)
 
@@ -85,7 +87,7 @@ def run_sweep(runs: list[Run], root: pathlib.Path, *, processes: int = 1) -> Non
             print(f"[sweep] {run.name}", flush=True)
             train.train_and_evaluate(run.build(), str(root / run.name))
             del running[run.name]
-            finished += 1
+            finished, done_cost = finished + 1, done_cost + cost[run.name]
             report()
         return
     queue = list(todo)
@@ -106,5 +108,5 @@ def run_sweep(runs: list[Run], root: pathlib.Path, *, processes: int = 1) -> Non
                 if proc.returncode:
                     raise RuntimeError(f"run {name} failed (exit {proc.returncode}): see "
                                        f"{root / name / 'log.txt'}")
-                finished += 1
+                finished, done_cost = finished + 1, done_cost + cost[name]
                 report()

@@ -79,8 +79,10 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     assert {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {np.dtype("float32")}
     out, _ = models.forward(model, jnp.ones((2, 32, 32, 3)), train=True)
     assert out.dtype == jnp.float32
-    jaxpr = jax.make_jaxpr(lambda x: models.forward(model, x, train=False)[0])(
-        jnp.ones((1, 32, 32, 3)))
+    graphdef, state = nnx.split(model)
+    jaxpr = jax.make_jaxpr(
+        lambda s, x: models.forward(nnx.merge(graphdef, s), x, train=False)[0])(
+        state, jnp.ones((1, 32, 32, 3)))
     convs = [e for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
     assert convs and all(e.outvars[0].aval.dtype == jnp.bfloat16 for e in convs)
 
