@@ -55,24 +55,27 @@ class Preset:
     log_every_steps: int = 100
     eval_every_steps: int = 2_000
 
-    def runs(self, dataset: str | None = None) -> list[Run]:
+    def schedule(self, depth: int) -> dict:
+        """Config overrides: the paper's schedule scaled to `total_steps` iterations."""
         s = self.total_steps
-        schedule = {
+        return {
             "total_steps": s, "batch_size": self.batch_size,
             "learning_rate": self.learning_rate, "warmup_learning_rate": self.learning_rate / 10,
             "lr_boundaries_steps": (s // 2, s * 3 // 4),  # 32k and 48k of 64k, scaled
+            "warmup_steps": 400 * s // 64_000 if depth >= self.warmup_from_depth else 0,
             "log_every_steps": self.log_every_steps, "eval_every_steps": self.eval_every_steps,
             "checkpoint_every_steps": self.eval_every_steps,
         }
+
+    def runs(self, dataset: str | None = None) -> list[Run]:
         runs = []
+        base = "" if self.base_width == 16 else f",base_width={self.base_width}"
         for depth in sorted(self.depths + self.residual_only_depths):
-            warmup = 400 * s // 64_000 if depth >= self.warmup_from_depth else 0
             for residual in (False, True):
                 if residual or depth not in self.residual_only_depths:
-                    base = "" if self.base_width == 16 else f",base_width={self.base_width}"
                     runs += [Run(f"depth={depth},residual={str(residual).lower()},"
                                  f"width={self.width}{base},dataset={dataset or self.dataset},"
-                                 f"seed={seed}", {**schedule, "warmup_steps": warmup})
+                                 f"seed={seed}", self.schedule(depth))
                              for seed in range(self.seeds)]
         return runs
 
@@ -102,9 +105,22 @@ def collect(root: pathlib.Path) -> list[dict]:
         config = json.loads((run_dir / "config.json").read_text())
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         out.append({"name": run_dir.name, "depth": config["depth"],
-                    "residual": config["residual"], "seed": config["seed"],
+                    "residual": config["residual"], "seed": config["seed"], "config": config,
                     "summary": json.loads(summary_path.read_text()), "curve": records})
     return out
+
+
+def seed_statistics(group: list[dict]) -> dict:
+    """Mean, std and median over the seeds of one net; the seeds that did not converge."""
+    row = {"seeds": len(group),
+           "not_converged_seeds": [r["seed"] for r in group
+                                   if not r["summary"].get("converged", True)]}
+    for split in ("train", "test"):
+        values = [r["summary"][f"{split}/error"] for r in group]
+        row[f"{split}_mean"] = statistics.fmean(values)
+        row[f"{split}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        row[f"{split}_median"] = statistics.median(values)
+    return row
 
 
 def table(results: list[dict]) -> list[dict]:
@@ -113,14 +129,8 @@ def table(results: list[dict]) -> list[dict]:
     keys = sorted({(r["residual"], r["depth"]) for r in results})
     for residual, depth in keys:
         group = [r for r in results if (r["residual"], r["depth"]) == (residual, depth)]
-        failed = [r["seed"] for r in group if not r["summary"].get("converged", True)]
         row = {"net": f"{'ResNet' if residual else 'plain'}-{depth}", "depth": depth,
-               "residual": residual, "seeds": len(group), "not_converged_seeds": failed}
-        for split in ("train", "test"):
-            values = [r["summary"][f"{split}/error"] for r in group]
-            row[f"{split}_mean"] = statistics.fmean(values)
-            row[f"{split}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-            row[f"{split}_median"] = statistics.median(values)
+               "residual": residual, **seed_statistics(group)}
         row["paper_test"] = PAPER_TEST_ERROR.get(depth) if residual else None
         rows.append(row)
     return rows

@@ -265,9 +265,13 @@ class ResNet(nnx.Module):
         return self.head(x).astype(jnp.float32)
 
 
-def check_architecture(family: str, depth: int, width: int = 1) -> None:
+def check_architecture(family: str, depth: int, width: int = 1,
+                       bottleneck: bool = False) -> None:
     """Raises ValueError (one line: problem and fix) for a depth or width the family lacks."""
-    if family == "cifar" and (depth < 8 or (depth - 2) % 6):
+    if family == "cifar" and bottleneck and (depth < 11 or (depth - 2) % 9):
+        raise ValueError(f"bottleneck depth {depth} is not 9n+2: use 164, 1001 or another "
+                         "9n+2 >= 11 (He et al. 2016)")
+    if family == "cifar" and not bottleneck and (depth < 8 or (depth - 2) % 6):
         raise ValueError(
             f"depth {depth} is not 6n+2: use 20, 32, 44, 56, 110, 1202 or another 6n+2 >= 8")
     if family == "imagenet" and depth not in IMAGENET_STAGES:
@@ -277,14 +281,16 @@ def check_architecture(family: str, depth: int, width: int = 1) -> None:
         raise ValueError(f"width {width} must be a positive integer, e.g. width=1")
 
 
-def cifar_resnet(depth: int, *, width: int = 1, base_width: int = 16, num_classes: int = 10,
-                 **kwargs) -> ResNet:
+def cifar_resnet(depth: int, *, width: int = 1, base_width: int = 16, bottleneck: bool = False,
+                 num_classes: int = 10, **kwargs) -> ResNet:
     """The CIFAR family of Sec. 4.2: depth 6n+2, n basic blocks per stage of 16/32/64 filters
-    (`base_width` x 1/2/4, times the multiplier `width`; narrower nets for CPU-scale sweeps)."""
-    check_architecture("cifar", depth, width * base_width)
-    n, w = (depth - 2) // 6, base_width * width
+    (`base_width` x 1/2/4, times the multiplier `width`; narrower nets for CPU-scale sweeps).
+    `bottleneck=True`: depth 9n+2, n bottlenecks per stage with 64/128/256 outputs, as in the
+    164- and 1001-layer nets of He et al. 2016."""
+    check_architecture("cifar", depth, width * base_width, bottleneck)
+    n, w = (depth - 2) // (9 if bottleneck else 6), base_width * width
     return ResNet(stem="cifar", stage_sizes=(n, n, n), stage_widths=(w, 2 * w, 4 * w),
-                  bottleneck=False, num_classes=num_classes, **kwargs)
+                  bottleneck=bottleneck, num_classes=num_classes, **kwargs)
 
 
 def imagenet_resnet(depth: int, *, width: int = 1, num_classes: int = 1000, **kwargs) -> ResNet:

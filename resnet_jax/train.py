@@ -63,9 +63,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     need(list(config.lr_boundaries_steps) == sorted(config.lr_boundaries_steps),
          f"lr_boundaries_steps={tuple(config.lr_boundaries_steps)} must be increasing")
     try:
+        cifar = config.model == "cifar"
         models.check_architecture(config.model, config.depth,
-                                  config.width * (config.base_width if config.model == "cifar"
-                                                  else 1))
+                                  config.width * (config.base_width if cifar else 1),
+                                  cifar and config.bottleneck)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -74,7 +75,8 @@ def create_model(config, *, num_classes: int, in_channels: int,
                  bn: models.BatchNormConfig | None = None, rngs: nnx.Rngs | None = None):
     bn = bn or models.BatchNormConfig(momentum=config.bn_momentum)
     if config.model == "cifar":
-        family = functools.partial(models.cifar_resnet, base_width=config.base_width)
+        family = functools.partial(models.cifar_resnet, base_width=config.base_width,
+                                   bottleneck=config.bottleneck)
     else:
         family = models.imagenet_resnet
     return family(config.depth, width=config.width, num_classes=num_classes,

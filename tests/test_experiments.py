@@ -112,3 +112,28 @@ def test_layer_responses_of_the_smoke_sweep(smoke_root):
 def test_layer_responses_without_runs_is_a_clear_error(tmp_path, capsys):
     assert layer_responses.main([f"--root={tmp_path}"]) == 2
     assert "run python -m experiments.degradation first" in capsys.readouterr().err
+
+
+def test_ablation_studies_declare_the_papers_variants():
+    from experiments import ablations
+
+    args = [a for a, _ in ablations.study_args("shortcuts", small=False)]
+    assert args[:3] == ["depth=20,shortcut=A", "depth=20,shortcut=B", "depth=20,shortcut=C"]
+    assert len(args) == 9
+    preact = [a for a, _ in ablations.study_args("preact", small=False)]
+    assert preact == ["depth=110,block=post", "depth=110,block=pre",
+                      "depth=164,bottleneck=true,shortcut=B,block=post",
+                      "depth=164,bottleneck=true,shortcut=B,block=pre"]
+    assert len(ablations.runs("preact", "paper")) == 4 * 5  # 5 seeds
+
+
+def test_preact_ablation_smoke(tmp_path):
+    from experiments import ablations
+
+    assert ablations.main(["--study=preact", "--preset=smoke", f"--root={tmp_path}"]) == 0
+    rows = json.loads((tmp_path / "ablation_preact.json").read_text())["table"]
+    assert [r["variant"] for r in rows] == [
+        "depth=11,bottleneck=true,shortcut=B,block=post,width=1,dataset=digits",
+        "depth=11,bottleneck=true,shortcut=B,block=pre,width=1,dataset=digits",
+        "depth=8,block=post,width=1,dataset=digits", "depth=8,block=pre,width=1,dataset=digits"]
+    assert (tmp_path / "ablation_preact.md").exists()

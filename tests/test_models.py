@@ -120,3 +120,14 @@ def test_summary_counts_layers_params_and_macs():
     convs = [(32, 3, 16)] + [(32, 16, 16)] * 6 + [(16, 16, 32)] + [(16, 32, 32)] * 5 + \
         [(8, 32, 64)] + [(8, 64, 64)] * 5
     assert info["macs"] == sum(h * h * 9 * ci * co for h, ci, co in convs) + 64 * 10
+
+
+def test_bottleneck_cifar_nets_count_their_depth():
+    """ResNet-164 of He et al. 2016: 18 bottlenecks per stage, 64/128/256 outputs."""
+    model = models.cifar_resnet(164, bottleneck=True, preact=True, shortcut="B",
+                                rngs=nnx.Rngs(0))
+    info = summary.describe(model, (32, 32, 3))
+    assert info["weighted_layers"] == 164
+    assert model.head.in_features == 256
+    with pytest.raises(ValueError, match="9n\\+2"):
+        models.cifar_resnet(32, bottleneck=True, rngs=nnx.Rngs(0))

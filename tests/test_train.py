@@ -54,17 +54,22 @@ def test_augmentation_crops_and_flips():
     assert 0 < sum(unchanged) + sum(flipped_only) < 64
 
 
-def test_loss_falls_on_a_fixed_batch():
-    c = cifar.get_config("depth=8")
+def tiny_training(arg: str, parallelism: str):
+    """ResNet-8 compiled for 8 devices, its state on them, and one fixed random batch of 16."""
+    c = cifar.get_config(arg)
     c.batch_size = 16
-    backend = parallel.create_backend("jit", 16, 8)
+    backend = parallel.create_backend(parallelism, 16, 8)
     _, state, step = train.create_training(c, backend, num_classes=10, in_channels=3)
     rng = np.random.default_rng(0)
     batch = jax.device_put({"image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
                             "label": rng.integers(0, 10, 16).astype(np.int32)},
                            backend.data_sharding)
+    return backend.put_state(state), step, batch
+
+
+def test_loss_falls_on_a_fixed_batch():
+    state, step, batch = tiny_training("depth=8", "jit")
     losses = []
-    state = backend.put_state(state)
     for _ in range(30):
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
@@ -92,15 +97,8 @@ def test_short_real_cifar10_run_learns(tmp_path):
 
 @pytest.mark.parametrize("residual", [True, False])
 def test_depth_diagnostics_are_in_the_metrics(residual):
-    c = cifar.get_config(f"depth=8,residual={residual}")
-    c.batch_size = 16
-    backend = parallel.create_backend("pmap", 16, 8)
-    _, state, step = train.create_training(c, backend, num_classes=10, in_channels=3)
-    rng = np.random.default_rng(0)
-    batch = jax.device_put({"image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
-                            "label": rng.integers(0, 10, 16).astype(np.int32)},
-                           backend.data_sharding)
-    _, metrics = step(backend.put_state(state), batch)
+    state, step, batch = tiny_training(f"depth=8,residual={residual}", "pmap")
+    _, metrics = step(state, batch)
     keys = set(metrics)
     assert {"grad_norm/stage1", "grad_norm/stage2", "grad_norm/stage3"} <= keys
     # ResNet-8: the stem and 2 convs in each of 3 blocks are 3x3 layers.

@@ -3,7 +3,7 @@
     resnet-jax train --config=resnet_jax/configs/cifar.py:depth=56,residual=false --workdir=DIR
 
 Arguments after the colon: depth (6n+2), residual (true/false), shortcut (A/B/C), block
-(post/pre), width (multiplier of 16/32/64 filters), base_width (16), dataset (cifar10, cifar100, digits, synthetic,
+(post/pre), bottleneck (true: depth 9n+2, He et al. 2016), width (multiplier of 16/32/64 filters), base_width (16), dataset (cifar10, cifar100, digits, synthetic,
 folder:<path>), seed. Every number below is a config key: override with --config.KEY=VALUE.
 
 Recipe (Sec. 4.2): SGD, momentum 0.9, lr 0.1 divided by 10 at 32k and 48k iterations, 64k in
@@ -18,8 +18,8 @@ from resnet_jax.configs import parse_arg
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, depth=20, residual=True, shortcut="A", block="post", width=1,
-                  base_width=16, dataset="cifar10", seed=0)
+    a = parse_arg(arg, depth=20, residual=True, shortcut="A", block="post", bottleneck=False,
+                  width=1, base_width=16, dataset="cifar10", seed=0)
     c = ml_collections.ConfigDict()
     # Model.
     c.model = "cifar"
@@ -27,6 +27,7 @@ def get_config(arg=None):
     c.residual = a["residual"]
     c.shortcut = a["shortcut"]
     c.block = a["block"]  # 'post' (He et al. 2015) or 'pre' (He et al. 2016)
+    c.bottleneck = a["bottleneck"]  # 1x1-3x3-1x1 blocks, depth 9n+2 (ResNet-164, 2016)
     c.width = a["width"]  # multiplier of the stage widths
     c.base_width = a["base_width"]  # filters of the first stage: 16 in the paper
     c.dtype = "float32"  # compute dtype; parameters stay float32 ('bfloat16' for speed)

@@ -16,7 +16,7 @@ def get_config(arg=None):
                   dataset="imagenet2012", seed=0)
     c = cifar.get_config()
     c.model = "imagenet"
-    del c["base_width"]  # the ImageNet stages are 64/128/256/512 x width
+    del c["base_width"], c["bottleneck"]  # Table 1 fixes both from the depth
     c.depth, c.residual, c.shortcut, c.block = a["depth"], a["residual"], a["shortcut"], a["block"]
     c.dataset, c.seed, c.warmup_steps = a["dataset"], a["seed"], 0
     c.batch_size = 256
