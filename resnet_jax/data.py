@@ -313,6 +313,13 @@ def train_batch(images, labels, mean, key, step, *, batch_size: int, padding: in
     return {"image": x, "label": labels[idx]}
 
 
+def subset(split: Split, size: int, seed: int = 0) -> Split:
+    """A fixed random `size` examples of `split` in their original order (splits are often
+    sorted by class, so the first `size` would not do)."""
+    keep = np.sort(np.random.default_rng(seed).permutation(len(split.labels))[:size])
+    return Split(split.images[keep], split.labels[keep])
+
+
 def eval_batches(split: Split, batch_size: int) -> dict[str, np.ndarray]:
     """The whole split as (num_batches, batch_size, ...) with a mask for the padded tail."""
     n = len(split.labels)

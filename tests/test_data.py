@@ -97,6 +97,19 @@ def test_validation_split_partitions_train_and_is_fixed():
     assert_splits_equal(again.train, ds.train)
 
 
+def test_eval_subset_is_a_fixed_random_sample_in_original_order():
+    labels = np.repeat(np.arange(10, dtype=np.int32), 100)  # sorted by class, like folder: splits
+    split = data.Split(np.arange(1000).reshape(1000, 1, 1, 1), labels)  # image i holds i
+    part = data.subset(split, 200)
+    again = data.subset(split, 200)
+    np.testing.assert_array_equal(part.labels, again.labels)
+    np.testing.assert_array_equal(part.images, again.images)
+    assert len(part.labels) == 200 and len(set(part.labels)) == 10  # not the first 200
+    assert (np.diff(part.images.ravel()) > 0).all()
+    np.testing.assert_array_equal(part.labels, labels[part.images.ravel()])
+    assert len(data.subset(split, 5000).labels) == 1000
+
+
 @pytest.mark.parametrize("size", [-1, 1497])
 def test_validation_size_out_of_range(size):
     message = load_error("digits", validation_size=size)

@@ -85,13 +85,20 @@ def test_short_real_cifar10_run_learns(tmp_path):
                     "cifar10_jpeg/test/*/00??.jpg"], check=True)
     c = cifar.get_config(f"depth=8,dataset=folder:{tmp_path}/cifar10_jpeg")
     c.batch_size, c.total_steps, c.log_every_steps = 32, 240, 40
-    c.eval_every_steps = c.checkpoint_every_steps = 240
+    c.eval_every_steps = c.checkpoint_every_steps = 120
+    c.eval_subset = 200  # of the 1,000 test images; the final evaluation uses them all
     summary = train.train_and_evaluate(c, str(tmp_path / "run"))
     # Chance is 90 % error on 10 classes.
     assert summary["train/error"] < 72
     assert summary["test/error"] < 75
-    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
-    assert first["train/error"] > summary["train/error"] + 10
+    records = [json.loads(line)
+               for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["train/error"] > summary["train/error"] + 10
+    tested = [r for r in records if "test/error" in r]
+    assert [r["step"] for r in tested] == [120, 240]
+    # Errors come in steps of 100 % / the number of images evaluated: 0.5 % mid-run, 0.1 % at the end.
+    assert tested[0]["test/error"] * 2 == pytest.approx(round(tested[0]["test/error"] * 2))
+    assert summary["test/error"] * 10 == pytest.approx(round(summary["test/error"] * 10))
 
 
 @pytest.mark.parametrize("residual", [True, False])
