@@ -84,8 +84,9 @@ def _train(argv) -> int:
     if config is None or fv.workdir is None:
         raise UsageError("train needs --config=FILE[:ARGS] and --workdir=DIR, e.g. "
                          "--config=resnet_jax/configs/cifar.py:depth=20 --workdir=runs/r20")
-    from resnet_jax import train  # imported late: JAX starts up only when there is work
+    from resnet_jax import parallel, train  # imported late: JAX starts only when there is work
 
+    parallel.initialize_distributed()  # a no-op unless launched as several processes (launch/)
     train.train_and_evaluate(config, fv.workdir)
     return 0
 
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         said = f"unknown command {argv[0]!r}" if argv else "no command"
         print(f"resnet-jax: error: {said}: use train or summary\n{USAGE}", file=sys.stderr)
         return 2
+    from resnet_jax.checkpoint import Preempted
     from resnet_jax.data import DataError
     from resnet_jax.train import ConfigError
 
@@ -129,6 +131,14 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[argv[0]](argv[1:])
     except (UsageError, ConfigError, DataError, FloatingPointError) as e:
         print(f"resnet-jax: error: {e}", file=sys.stderr)
+        return 2
+    except Preempted as e:
+        print(f"resnet-jax: {e}", file=sys.stderr)
+        return 143  # 128 + SIGTERM: what schedulers expect of a terminated job
+    except OSError as e:  # a full disk or a directory that stopped being writable mid-run
+        print(f"resnet-jax: error: could not write {e.filename or ''}: "
+              f"{e.strerror or e}: free space or pass a --workdir you can write to; "
+              "the run's last complete checkpoint is kept", file=sys.stderr)
         return 2
 
 

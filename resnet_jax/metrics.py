@@ -25,19 +25,28 @@ class MetricsWriter:
 
             self._tb = SummaryWriter(str(workdir / "tensorboard"))
 
+    def records(self) -> list[dict]:
+        """The complete records on disk; a line cut short by a killed process is not one."""
+        out = []
+        for line in self.path.read_text().splitlines() if self.path.exists() else []:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+        return out
+
     def truncate(self, step: int) -> None:
         """Drops records after `step`: a resumed run rewrites them exactly as it goes."""
         if not (self.main and self.path.exists()):
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
+        kept = [r for r in self.records() if r["step"] <= step]
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.path)
 
     def last_record(self) -> dict:
-        lines = self.path.read_text().splitlines() if self.path.exists() else []
-        return json.loads(lines[-1]) if lines else {}
+        records = self.records()
+        return records[-1] if records else {}
 
     def write(self, step: int, record: dict) -> None:
         if not self.main:

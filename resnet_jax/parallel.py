@@ -7,11 +7,17 @@ train state live on devices:
 - 'pmap': `jax.pmap` over the same devices; the state carries a leading device axis, gradients and
   losses are averaged with explicit collectives over the `batch` axis.
 Both give the same numbers on the same global batch (tests/test_parallel.py).
+
+Several processes (TPU pod workers, SLURM tasks, local processes) become one job with
+`initialize_distributed()`; the mesh then spans every device of every process and nothing else
+changes: each process computes its own devices' share of every batch, and process 0 writes the
+logs (tests/test_distributed.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +29,22 @@ from resnet_jax.models import BatchNormConfig
 DATA_AXIS = "data"  # mesh axis of the jit backend
 PMAP_AXIS = "batch"  # mapped axis of the pmap backend
 BACKENDS = ("jit", "pmap")
+
+
+def initialize_distributed(env=os.environ) -> None:
+    """Joins this process to its multi-process job, if it was launched as one (launch/).
+
+    - JAX_NUM_PROCESSES, JAX_PROCESS_ID and JAX_COORDINATOR_ADDRESS (host:port of process 0)
+      name the job explicitly (launch/local.sh, or any launcher);
+    - RESNET_JAX_DISTRIBUTED=1 lets JAX detect it (Cloud TPU pod slices, SLURM's srun:
+      launch/tpu.sh, launch/slurm.sh).
+    Otherwise this is a single-process run and nothing happens. Call before JAX starts up.
+    """
+    if env.get("JAX_NUM_PROCESSES"):
+        jax.distributed.initialize(env.get("JAX_COORDINATOR_ADDRESS"),
+                                   int(env["JAX_NUM_PROCESSES"]), int(env["JAX_PROCESS_ID"]))
+    elif env.get("RESNET_JAX_DISTRIBUTED") == "1":
+        jax.distributed.initialize()
 
 
 def create_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
@@ -133,15 +155,13 @@ class Backend:
         return jax.jit(train_step, in_shardings=(self.replicated, self.data_sharding),
                        out_shardings=(self.replicated, self.replicated), donate_argnums=0)
 
-    def compile_eval(self, eval_step):
-        """Eval runs under jit for both backends: it needs no collectives of its own."""
-        return jax.jit(eval_step, in_shardings=(self.replicated, self.data_sharding),
-                       out_shardings=self.replicated)
-
 
 def create_backend(name: str, batch_size: int, num_devices: int = 0) -> Backend:
     if name not in BACKENDS:
         raise ValueError(f"unknown parallelism {name!r}: use one of {', '.join(BACKENDS)}")
+    if name == "pmap" and jax.process_count() > 1:
+        raise ValueError(f"parallelism=pmap runs in one process here, but this job has "
+                         f"{jax.process_count()}: use parallelism=jit across processes")
     mesh = create_mesh(num_devices)
     if batch_size % mesh.size:
         raise ValueError(

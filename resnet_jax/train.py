@@ -24,15 +24,15 @@ import optax
 from flax import nnx
 
 from resnet_jax import data, models, parallel
-from resnet_jax.checkpoint import Checkpointer
+from resnet_jax.checkpoint import Checkpointer, Preempted, PreemptionWatch
 from resnet_jax.metrics import MetricsWriter
 
 BLOCKS = {"post": False, "pre": True}  # block -> pre-activation?
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Keys that may change when a run resumes: they do not change what is computed.
-RESUMABLE_KEYS = {"total_steps", "log_every_steps", "log_diagnostics", "eval_every_steps", "checkpoint_every_steps",
-                  "keep_checkpoints", "eval_batch_size", "parallelism", "num_devices",
-                  "tfds_data_dir", "max_converged_train_error"}
+RESUMABLE_KEYS = {"total_steps", "log_every_steps", "log_diagnostics", "eval_every_steps",
+                  "eval_subset", "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size",
+                  "parallelism", "num_devices", "tfds_data_dir", "max_converged_train_error"}
 
 
 class ConfigError(ValueError):
@@ -56,6 +56,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for key in ("total_steps", "batch_size", "log_every_steps", "eval_every_steps",
                 "checkpoint_every_steps", "eval_batch_size", "keep_checkpoints"):
         need(config[key] > 0, f"{key}={config[key]} must be positive")
+    need(config.eval_subset >= 0,
+         f"eval_subset={config.eval_subset} must be >= 0 (0 = the whole split)")
     need(config.bn_group_size >= 0 and (config.bn_group_size == 0
                                         or config.batch_size % config.bn_group_size == 0),
          f"bn_group_size={config.bn_group_size} must divide batch_size={config.batch_size} "
@@ -241,12 +243,22 @@ def _check_workdir(workdir: pathlib.Path, config) -> None:
                 "use a new --workdir or the original values")
 
 
+def _check_finite(fetched_metrics: list[dict], step: int) -> None:
+    if not all(math.isfinite(m["loss"]) for m in fetched_metrics):
+        raise FloatingPointError(
+            f"loss is not finite by step {step}; training stopped and the last good checkpoint "
+            "is kept: lower learning_rate or set warmup_steps")
+
+
 def _write_json(path: pathlib.Path, obj) -> None:
     if jax.process_index() != 0:
         return
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:  # a full disk leaves neither a half-written file nor its temporary
+        tmp.unlink(missing_ok=True)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -265,7 +277,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # Data first: a bad dataset must fail before anything is written.
     ds = data.load(config.dataset, validation_size=config.validation_size,
                    tfds_data_dir=config.tfds_data_dir or None)
-    backend = parallel.create_backend(config.parallelism, config.batch_size, config.num_devices)
+    try:
+        backend = parallel.create_backend(config.parallelism, config.batch_size,
+                                          config.num_devices)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if len(ds.train.labels) < config.batch_size:
         raise ConfigError(f"dataset {config.dataset} has {len(ds.train.labels)} training "
                           f"images, fewer than batch_size={config.batch_size}: lower batch_size")
@@ -300,56 +316,65 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     eval_sets = {"test": ds.test} | ({"val": ds.validation} if ds.validation else {})
     eval_sharding = jax.sharding.NamedSharding(backend.mesh,
                                                jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
-    eval_data = {name: jax.device_put(data.eval_batches(split, eval_bs), eval_sharding)
-                 for name, split in eval_sets.items()}
+    put_eval = lambda split: jax.device_put(data.eval_batches(split, eval_bs),  # noqa: E731
+                                            eval_sharding)
+    eval_data = {name: put_eval(split) for name, split in eval_sets.items()}
+    eval_part = ({name: put_eval(data.subset(split, config.eval_subset))
+                  for name, split in eval_sets.items()} if config.eval_subset else eval_data)
     eval_step = jax.jit(make_eval_step(graphdef))
 
-    def evaluate(global_state):
+    def evaluate(global_state, whole: bool):
         out = {}
-        for name, batches in eval_data.items():
+        for name, batches in (eval_data if whole else eval_part).items():
             result = jax.device_get(eval_step(global_state, batches, mean))
             out[f"{name}/error"], out[f"{name}/loss"] = result["error"], result["loss"]
         return out
 
     state = backend.put_state(state)
     pending, record, t_start, step_start = [], {}, None, start
-    for step in range(start, config.total_steps):
-        state, metrics = train_step(state, make_batch(step))
-        pending.append(metrics)
-        if len(pending) > 2:
-            # Let the host run at most two steps ahead: a deeper queue gains nothing, and on
-            # simulated CPU devices it can starve a device of threads inside a collective.
-            jax.block_until_ready(pending[-3])
-        done = step + 1
-        if t_start is None:  # the first step compiles: measure speed from after it
-            jax.block_until_ready(metrics)
-            t_start, step_start = time.perf_counter(), done
-        last = done == config.total_steps
-        evaluate_now = done % config.eval_every_steps == 0 or last
-        if done % config.log_every_steps == 0 or evaluate_now:
-            fetched, pending = jax.device_get(pending), []
-            if not all(math.isfinite(m["loss"]) for m in fetched):
-                raise FloatingPointError(
-                    f"loss is not finite at step {done}; the last good checkpoint is kept: "
-                    "lower learning_rate or set warmup_steps")
-            # Loss and error average the window; the rest (lr, diagnostics) is its last step.
-            record = {**fetched[-1], "train/loss": np.mean([m["loss"] for m in fetched]),
-                      "train/error": np.mean([m["error"] for m in fetched])}
-            del record["loss"], record["error"]
-            seconds_left = None
-            if done > step_start:
-                rate = (done - step_start) / (time.perf_counter() - t_start)
-                record["examples_per_sec"] = rate * config.batch_size
-                seconds_left = (config.total_steps - done) / rate
-            if evaluate_now:
-                record |= evaluate(backend.get_state(state))
-            writer.write(done, record)
-            writer.progress(done, record, seconds_left)
-        if done % config.checkpoint_every_steps == 0 or last:
-            checkpointer.save(done, backend.get_state(state))
+    watch = PreemptionWatch()
+    try:
+        for step in range(start, config.total_steps):
+            state, metrics = train_step(state, make_batch(step))
+            pending.append(metrics)
+            if len(pending) > 2:
+                # Let the host run at most two steps ahead: a deeper queue gains nothing, and on
+                # simulated CPU devices it can starve a device of threads inside a collective.
+                jax.block_until_ready(pending[-3])
+            done = step + 1
+            if t_start is None:  # the first step compiles: measure speed from after it
+                jax.block_until_ready(metrics)
+                t_start, step_start = time.perf_counter(), done
+            last = done == config.total_steps
+            evaluate_now = done % config.eval_every_steps == 0 or last
+            save = done % config.checkpoint_every_steps == 0 or last
+            preempted = not last and watch.reached(done)  # every process asks at every step
+            if done % config.log_every_steps == 0 or evaluate_now:
+                fetched, pending = jax.device_get(pending), []
+                _check_finite(fetched, done)
+                # Loss and error average the window; the rest (lr, diagnostics): its last step.
+                record = {**fetched[-1], "train/loss": np.mean([m["loss"] for m in fetched]),
+                          "train/error": np.mean([m["error"] for m in fetched])}
+                del record["loss"], record["error"]
+                seconds_left = None
+                if done > step_start:
+                    rate = (done - step_start) / (time.perf_counter() - t_start)
+                    record["examples_per_sec"] = rate * config.batch_size
+                    seconds_left = (config.total_steps - done) / rate
+                if evaluate_now:
+                    record |= evaluate(backend.get_state(state), whole=last)
+                writer.write(done, record)
+                writer.progress(done, record, seconds_left)
+            if save or preempted:
+                _check_finite(jax.device_get(pending), done)  # never checkpoint a NaN
+                checkpointer.save(done, backend.get_state(state))
+            if preempted:
+                raise Preempted(done, workdir)
+    finally:
+        watch.close()
+        checkpointer.close()
+        writer.close()
 
-    checkpointer.close()
-    writer.close()
     # A run restored at its last step (killed before writing its summary) trained nothing now.
     final = record or writer.last_record()
     summary = {"step": config.total_steps, "train/error": float(final["train/error"]),

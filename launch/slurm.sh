@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# SLURM GPU clusters: one multi-node run with srun, or a sweep as a job array.
+#
+#   launch/slurm.sh [--dry-run] run CONFIG[:ARGS] [--config.KEY=VALUE ...]
+#       one run over NODES x GPUS_PER_NODE GPUs, one process per GPU, as one JAX job
+#   launch/slurm.sh [--dry-run] sweep PRESET
+#       experiments.degradation's runs as a job array (one GPU per run), then a job that
+#       draws the figures and tables once every run has finished
+#
+# Required variables:
+#   WORKDIR        run directory (sweep: the sweep's root) on a file system every node shares
+# Optional: NODES (default 1), GPUS_PER_NODE (default 8), TIME (default 24:00:00), PARTITION,
+#   ACCOUNT, VENV (a virtual environment to activate on the nodes), PARALLEL (array tasks at
+#   once, default 16).
+#
+# Jobs get SIGTERM 120 s before their time limit (--signal=TERM@120) and are requeued when
+# preempted: training checkpoints on SIGTERM and the requeued job resumes from it.
+# --dry-run prints the batch scripts and the sbatch commands instead of submitting them.
+set -euo pipefail
+
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+
+DRY_RUN=0
+if [[ "${1:-}" == "--dry-run" ]]; then DRY_RUN=1; shift; fi
+[[ $# -ge 1 && "$1" != "--help" && "$1" != "-h" ]] || usage
+cmd=$1; shift
+if [[ -z "${WORKDIR:-}" ]]; then
+  echo "slurm.sh: error: WORKDIR is not set: export WORKDIR=/shared/path (see launch/slurm.sh --help)" >&2
+  exit 2
+fi
+NODES=${NODES:-1}
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+TIME=${TIME:-24:00:00}
+PARALLEL=${PARALLEL:-16}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+
+# The #SBATCH header shared by both kinds of job; $1 = job name, then extra #SBATCH lines.
+header() {
+  local name=$1; shift
+  echo "#!/usr/bin/env bash"
+  echo "#SBATCH --job-name=$name"
+  echo "#SBATCH --time=$TIME"
+  echo "#SBATCH --signal=TERM@120"
+  echo "#SBATCH --requeue"
+  [[ -n "${PARTITION:-}" ]] && echo "#SBATCH --partition=$PARTITION"
+  [[ -n "${ACCOUNT:-}" ]] && echo "#SBATCH --account=$ACCOUNT"
+  for line in "$@"; do echo "#SBATCH $line"; done
+  echo "set -euo pipefail"
+  echo "cd $(printf '%q' "$REPO")"
+  [[ -n "${VENV:-}" ]] && echo "source $(printf '%q' "$VENV")/bin/activate"
+  return 0
+}
+
+# Prints (dry run) or submits a batch script read from stdin; echoes the job id.
+submit() {
+  local script
+  script=$(cat)
+  if ((DRY_RUN)); then
+    echo "# --- batch script ---"
+    echo "$script"
+    echo "# --- submitted with ---"
+    printf '%q ' sbatch --parsable "$@"; echo
+    echo "JOBID"
+  else
+    mkdir -p "$WORKDIR"
+    sbatch --parsable "$@" <<< "$script"
+  fi
+}
+
+case "$cmd" in
+  run)
+    [[ $# -ge 1 ]] || { echo "slurm.sh: error: run needs CONFIG[:ARGS], e.g. resnet_jax/configs/imagenet.py:depth=50" >&2; exit 2; }
+    config=$1; shift
+    {
+      header resnet_jax "--nodes=$NODES" "--ntasks-per-node=$GPUS_PER_NODE" \
+        "--gpus-per-task=1" "--output=$WORKDIR/slurm-%j.out"
+      echo "export RESNET_JAX_DISTRIBUTED=1  # jax.distributed.initialize() reads SLURM's variables"
+      echo "srun python -m resnet_jax.main train --config=$(printf '%q' "$config") --workdir=$(printf '%q' "$WORKDIR") $(printf '%q ' "$@")"
+    } | submit
+    ;;
+  sweep)
+    [[ $# -ge 1 ]] || { echo "slurm.sh: error: sweep needs a PRESET, e.g. paper" >&2; exit 2; }
+    preset=$1
+    count=$(cd "$REPO" && python -m experiments.degradation --preset="$preset" --root="$WORKDIR" --list | wc -l)
+    array_job=$({
+      header "resnet_jax-$preset" "--array=0-$((count - 1))%$PARALLEL" "--ntasks=1" \
+        "--gpus-per-task=1" "--output=$WORKDIR/slurm-%A_%a.out"
+      echo "python -m experiments.degradation --preset=$preset --root=$(printf '%q' "$WORKDIR") --index=\$SLURM_ARRAY_TASK_ID"
+    } | submit)
+    echo "$array_job"
+    array_id=$(tail -n 1 <<< "$array_job")
+    {
+      header "resnet_jax-$preset-report" "--ntasks=1" "--output=$WORKDIR/slurm-%j.out"
+      echo "python -m experiments.degradation --preset=$preset --root=$(printf '%q' "$WORKDIR") --plot-only"
+    } | submit "--dependency=afterok:$array_id"
+    ;;
+  *)
+    echo "slurm.sh: error: unknown command '$cmd': use run or sweep" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Cloud TPU VM pod slices with gcloud: the same code as on a laptop, one process per TPU host.
+#
+#   launch/tpu.sh [--dry-run] create                 # the slice (add SPOT=1 for spot capacity)
+#   launch/tpu.sh [--dry-run] setup                  # this checkout + jax[tpu] on every worker
+#   launch/tpu.sh [--dry-run] run CONFIG[:ARGS] [--config.KEY=VALUE ...]   # one run, all workers
+#   launch/tpu.sh [--dry-run] sweep PRESET           # experiments.degradation, all workers
+#   launch/tpu.sh [--dry-run] copy DEST              # WORKDIR from worker 0 to DEST here
+#   launch/tpu.sh [--dry-run] delete                 # the slice
+#
+# Required variables:
+#   TPU_NAME          name of the slice, e.g. resnet-v4-32
+#   ZONE              e.g. us-central2-b
+#   ACCELERATOR_TYPE  e.g. v4-32 (create only)
+#   WORKDIR           run directory on a file system every worker shares (a Filestore/NFS or
+#                     gcsfuse mount at the same path on every worker; run and sweep only)
+# Optional: PROJECT (gcloud's default otherwise), RUNTIME_VERSION (default tpu-ubuntu2204-base),
+#   SPOT=1, REPO_DIR on the workers (default resnet_jax).
+#
+# Every worker runs the same command with RESNET_JAX_DISTRIBUTED=1; jax.distributed.initialize()
+# finds the other workers itself, the mesh spans all chips, process 0 writes logs and every
+# process writes its part of each Orbax checkpoint. --dry-run prints the commands instead.
+set -euo pipefail
+
+usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+need() {
+  for var in "$@"; do
+    if [[ -z "${!var:-}" ]]; then
+      echo "tpu.sh: error: $var is not set: export $var=... (see launch/tpu.sh --help)" >&2
+      exit 2
+    fi
+  done
+}
+
+DRY_RUN=0
+if [[ "${1:-}" == "--dry-run" ]]; then DRY_RUN=1; shift; fi
+[[ $# -ge 1 && "$1" != "--help" && "$1" != "-h" ]] || usage
+cmd=$1; shift
+
+# Prints the command under --dry-run, runs it otherwise.
+run() {
+  if ((DRY_RUN)); then printf '%q ' "$@"; echo; else "$@"; fi
+}
+
+need TPU_NAME ZONE
+RUNTIME_VERSION=${RUNTIME_VERSION:-tpu-ubuntu2204-base}
+REPO_DIR=${REPO_DIR:-resnet_jax}
+gcloud_tpu=(gcloud compute tpus tpu-vm)
+where=(--zone="$ZONE")
+[[ -n "${PROJECT:-}" ]] && where+=(--project="$PROJECT")
+on_all_workers() { run "${gcloud_tpu[@]}" ssh "$TPU_NAME" "${where[@]}" --worker=all --command="$1"; }
+
+case "$cmd" in
+  create)
+    need ACCELERATOR_TYPE
+    extra=()
+    [[ "${SPOT:-0}" == 1 ]] && extra+=(--spot)
+    run "${gcloud_tpu[@]}" create "$TPU_NAME" "${where[@]}" \
+      --accelerator-type="$ACCELERATOR_TYPE" --version="$RUNTIME_VERSION" "${extra[@]}"
+    ;;
+  setup)
+    here=$(cd "$(dirname "$0")/.." && pwd)
+    archive=$(mktemp -u /tmp/resnet_jax-XXXXXX).tar.gz
+    run git -C "$here" archive --format=tar.gz --prefix="$REPO_DIR/" -o "$archive" HEAD
+    run "${gcloud_tpu[@]}" scp "$archive" "$TPU_NAME":resnet_jax.tar.gz "${where[@]}" --worker=all
+    on_all_workers "tar xzf resnet_jax.tar.gz && python3 -m pip install -U 'jax[tpu]' && python3 -m pip install -e $REPO_DIR"
+    ;;
+  run)
+    need WORKDIR
+    [[ $# -ge 1 ]] || { echo "tpu.sh: error: run needs CONFIG[:ARGS], e.g. resnet_jax/configs/imagenet.py:depth=50" >&2; exit 2; }
+    config=$1; shift
+    on_all_workers "cd $REPO_DIR && RESNET_JAX_DISTRIBUTED=1 python3 -m resnet_jax.main train --config=$config --workdir=$WORKDIR $*"
+    ;;
+  sweep)
+    need WORKDIR
+    [[ $# -ge 1 ]] || { echo "tpu.sh: error: sweep needs a PRESET, e.g. paper" >&2; exit 2; }
+    on_all_workers "cd $REPO_DIR && RESNET_JAX_DISTRIBUTED=1 python3 -m experiments.degradation --preset=$1 --root=$WORKDIR"
+    ;;
+  copy)
+    need WORKDIR
+    [[ $# -ge 1 ]] || { echo "tpu.sh: error: copy needs a DEST directory here" >&2; exit 2; }
+    run "${gcloud_tpu[@]}" scp --recurse "$TPU_NAME:$WORKDIR" "$1" "${where[@]}" --worker=0
+    ;;
+  delete)
+    run "${gcloud_tpu[@]}" delete "$TPU_NAME" "${where[@]}" --quiet
+    ;;
+  *)
+    echo "tpu.sh: error: unknown command '$cmd': use create, setup, run, sweep, copy or delete" >&2
+    exit 2
+    ;;
+esac
