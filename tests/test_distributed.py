@@ -5,9 +5,11 @@ one process with 8 devices trains on the same global batch, with one set of logs
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -92,3 +94,38 @@ def test_pmap_is_refused_across_processes(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == (
         "resnet-jax: error: parallelism=pmap runs in one process here, but this job has 2: "
         "use parallelism=jit across processes")
+
+
+def test_sigterm_stops_every_process_at_one_step_and_the_job_resumes(tmp_path):
+    """As SLURM or a TPU maintenance event does: every process gets SIGTERM (here from the
+    launcher, which passes it on); JAX's preemption service picks the step they all stop at."""
+    workdir, port = tmp_path / "run", str(free_port())
+    long_run = ["bash", "launch/local.sh", "2", *TRAIN, "--config.total_steps=100000",
+                "--config.log_every_steps=5", f"--workdir={workdir}"]
+    launcher = subprocess.Popen(long_run, cwd=REPO, env=env(PORT=port, LOG_DIR=str(tmp_path)),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = workdir / "metrics.jsonl"
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert launcher.poll() is None, launcher.communicate()
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGTERM)
+    _, err = launcher.communicate(timeout=300)
+    assert launcher.returncode != 0
+    logs = [err, (tmp_path / "process-1.log").read_text()]
+    stops = [[line for line in log.splitlines() if "preempted (SIGTERM) at step" in line]
+             for log in logs]
+    assert all(len(s) == 1 for s in stops), logs
+    steps = {int(s[0].split("at step ")[1].split(":")[0]) for s in stops}
+    assert len(steps) == 1  # one step for both processes
+    step = steps.pop()
+    assert step in [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+
+    # The same job again, told to stop 5 steps later (total_steps may change on resume).
+    rerun = [a if "total_steps" not in a else f"--config.total_steps={step + 5}"
+             for a in long_run]
+    finish = subprocess.run(rerun, cwd=REPO, env=env(PORT=str(free_port()),
+                                                     LOG_DIR=str(tmp_path)),
+                            capture_output=True, text=True, timeout=600)
+    assert finish.returncode == 0, finish.stderr
+    assert f"resuming from step {step}" in finish.stdout
+    assert json.loads((workdir / "summary.json").read_text())["step"] == step + 5
