@@ -9,6 +9,7 @@ Bad input ends in one line naming the problem and the fix, with exit status 2.
 
 from __future__ import annotations
 
+import copy
 import json
 import pathlib
 import re
@@ -18,7 +19,8 @@ from absl import flags
 from ml_collections import config_flags
 
 USAGE = ("usage: resnet-jax train --config=FILE[:ARGS] --workdir=DIR [--config.KEY=VALUE ...]\n"
-         "       resnet-jax summary [--config=FILE[:ARGS]] [--json]")
+         "       resnet-jax summary [--config=FILE[:ARGS]] [--json]\n"
+         "       resnet-jax bench --config=FILE[:ARGS] [--depths=20,56,110] [--steps=20] [--json]")
 CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
 
 class UsageError(Exception):
@@ -46,7 +48,10 @@ def _parse(argv: list[str]):
         flag_values=fv, lock_config=True, sys_argv=argv)
     flags.DEFINE_string("workdir", None, "Run directory: config, metrics, checkpoints, summary.",
                         flag_values=fv)
-    flags.DEFINE_bool("json", False, "summary: print one JSON object.", flag_values=fv)
+    flags.DEFINE_bool("json", False, "summary, bench: print one JSON object.", flag_values=fv)
+    flags.DEFINE_list("depths", [], "bench: these depths instead of the config's.",
+                      flag_values=fv)
+    flags.DEFINE_integer("steps", 20, "bench: timed steps per net.", flag_values=fv)
     try:
         fv(argv)
         config = config_flag.value
@@ -114,14 +119,42 @@ def _summary(argv) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "summary": _summary}
+def _bench(argv) -> int:
+    config, fv = _parse(argv)
+    if config is None:
+        raise UsageError("bench needs --config=FILE[:ARGS], e.g. "
+                         "--config=resnet_jax/configs/cifar.py:depth=20 --depths=20,56,110")
+    from resnet_jax import bench, train
+
+    rows = []
+    for depth in fv.depths or [config.depth]:
+        config = copy.deepcopy(config)
+        with config.unlocked():
+            try:
+                config.depth = int(depth)
+            except ValueError:
+                raise UsageError(f"--depths has {depth!r}: pass integers, e.g. "
+                                 "--depths=20,56,110") from None
+        try:
+            rows.append(bench.measure(config, steps=fv.steps))
+        except ValueError as e:
+            raise train.ConfigError(str(e)) from None
+        if not fv.json:
+            print(bench.markdown(rows[-1:]).splitlines()[-1] if len(rows) > 1
+                  else bench.markdown(rows), flush=True)
+    if fv.json:
+        print(json.dumps({"rows": rows}))
+    return 0
+
+
+COMMANDS = {"train": _train, "summary": _summary, "bench": _bench}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
         said = f"unknown command {argv[0]!r}" if argv else "no command"
-        print(f"resnet-jax: error: {said}: use train or summary\n{USAGE}", file=sys.stderr)
+        print(f"resnet-jax: error: {said}: use train, summary or bench\n{USAGE}", file=sys.stderr)
         return 2
     from resnet_jax.checkpoint import Preempted
     from resnet_jax.data import DataError

@@ -292,3 +292,27 @@ def test_summary_of_config_counts_resnet56(capsys):
     assert info["params"] == 853_018
     assert info["weighted_layers"] == 56
     assert info["macs"] > 0
+
+
+# --- bench ---------------------------------------------------------------------------------
+
+
+def test_bench_reports_throughput_compile_time_and_flops(capsys):
+    rc, out, err = run_cli(capsys, ["bench", f"--config={CONFIG}:depth=8", "--depths=8,14",
+                                    "--steps=2", "--config.batch_size=16", "--json"])
+    assert rc == 0, err
+    rows = json.loads(out)["rows"]
+    assert [r["net"] for r in rows] == ["ResNet-8", "ResNet-14"]
+    for r in rows:
+        assert r["images_per_sec"] > 0 and r["compile_s"] > 0 and r["devices"] == 8
+        assert r["images_per_sec"] == pytest.approx(16e3 / r["ms_per_step"])
+    # XLA's count grows with depth: ResNet-14 has 6 more 3x3 layers of the same kind.
+    assert rows[1]["gflops_per_step"] > 1.5 * rows[0]["gflops_per_step"] > 0
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--depths=9"], ["6n+2"]), (["--depths=twenty"], ["--depths", "integers"]), ([], [])])
+def test_bench_bad_input_is_one_line(capsys, args, words):
+    config = [f"--config={CONFIG}:depth=8"] if args else []
+    rc, out, err = run_cli(capsys, ["bench", *config, *args])
+    assert_usage_error(rc, out, err, *(words or ["bench needs --config"]))

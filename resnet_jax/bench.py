@@ -1,0 +1,96 @@
+"""Training-step throughput: `resnet-jax bench --config=FILE:ARGS [--depths=20,56,110]`.
+
+For each net: the real train step of `train.py` (the config's backend, devices, dtype and
+diagnostics), compiled once and timed over `steps` steps on a batch already on the devices, so
+neither compilation nor the input pipeline is counted. Reported: images/s, ms per step, compile
+time, FLOPs per step from XLA's cost analysis, and the fraction of the device's peak where
+`PEAK_FLOPS` knows the device.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+from resnet_jax import parallel, train
+
+# Dense peak FLOP/s per device by (device_kind substring, dtype), from the vendors' data sheets.
+PEAK_FLOPS = {
+    ("H100", "bfloat16"): 989e12, ("H100", "float32"): 67e12,  # SXM; fp32 without TF32
+    ("H200", "bfloat16"): 989e12, ("H200", "float32"): 67e12,
+    ("A100", "bfloat16"): 312e12, ("A100", "float32"): 19.5e12,
+    ("TPU v4", "bfloat16"): 275e12, ("TPU v5e", "bfloat16"): 197e12,
+    ("TPU v5p", "bfloat16"): 459e12,
+}
+
+
+def peak_flops(device_kind: str, dtype: str) -> float | None:
+    return next((v for (kind, dt), v in PEAK_FLOPS.items()
+                 if kind in device_kind and dt == dtype), None)
+
+
+def measure(config, *, steps: int = 20, warmup: int = 2) -> dict:
+    """One row: the train step of `config` timed on a fixed random batch (3 channels, 10
+    classes, the config's image size)."""
+    train.check_config(config)
+    backend = parallel.create_backend(config.parallelism, config.batch_size, config.num_devices)
+    size = 224 if config.model == "imagenet" else 32
+    classes = 1000 if config.model == "imagenet" else 10
+    graphdef, state, step = train.create_training(config, backend, num_classes=classes,
+                                                  in_channels=3)
+    rng = np.random.default_rng(0)
+    batch = jax.device_put(
+        {"image": rng.normal(size=(config.batch_size, size, size, 3)).astype(np.float32),
+         "label": rng.integers(0, classes, config.batch_size).astype(np.int32)},
+        backend.data_sharding)
+    state = backend.put_state(state)
+
+    start = time.perf_counter()
+    if config.parallelism == "jit":
+        compiled = step.lower(state, batch).compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        flops = float(cost.get("flops", 0.0)) if cost else 0.0
+        step = compiled
+    else:
+        flops = 0.0  # pmap: no ahead-of-time cost analysis here
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - start
+    for _ in range(warmup - 1):
+        state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = step(state, batch)
+    jax.block_until_ready((state, metrics))
+    seconds = (time.perf_counter() - start) / steps
+
+    device = jax.devices()[0]
+    peak = peak_flops(device.device_kind, config.dtype)
+    return {
+        "net": f"{'ResNet' if config.residual else 'plain'}-{config.depth}",
+        "batch": config.batch_size, "dtype": config.dtype, "devices": backend.num_devices,
+        "device": device.device_kind, "images_per_sec": config.batch_size / seconds,
+        "ms_per_step": 1e3 * seconds, "compile_s": compile_s,
+        "gflops_per_step": flops / 1e9,
+        "achieved_tflops": flops / seconds / 1e12 if flops else None,
+        "fraction_of_peak": flops / seconds / (peak * backend.num_devices)
+        if flops and peak else None,
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = ["net", "batch", "dtype", "devices", "images_per_sec", "ms_per_step", "compile_s",
+            "gflops_per_step", "achieved_tflops", "fraction_of_peak"]
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:,.1f}" if abs(v) >= 10 else f"{v:.3g}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
