@@ -316,3 +316,14 @@ def test_bench_bad_input_is_one_line(capsys, args, words):
     config = [f"--config={CONFIG}:depth=8"] if args else []
     rc, out, err = run_cli(capsys, ["bench", *config, *args])
     assert_usage_error(rc, out, err, *(words or ["bench needs --config"]))
+
+
+def test_pytorch_reference_is_the_same_network():
+    """Same parameter count as ours (He et al.'s 0.27M for ResNet-20), when torch is installed."""
+    torch_reference = pytest.importorskip("benchmarks.torch_reference")
+    for depth, params in [(20, 269_722), (56, 853_018)]:
+        for residual in (True, False):
+            model = torch_reference.CifarResNet(depth, residual)
+            assert sum(p.numel() for p in model.parameters()) == params
+            out = model(torch_reference.torch.zeros(2, 3, 32, 32))
+            assert tuple(out.shape) == (2, 10)

@@ -1,0 +1,73 @@
+"""JAX (resnet_jax's train step) and PyTorch (benchmarks/torch_reference.py) side by side, from
+one run on the same machine, with the ratio:
+
+    python -m benchmarks.compare --depths=20,56,110 --batch=128 --steps=20 [--json=out.json]
+
+Each net is timed in every PyTorch mode (eager, torch.compile; NCHW and channels_last); the ratio
+is JAX images/s over the best PyTorch mode's. On a GPU add --dtype=bfloat16 for JAX's bfloat16
+compute (PyTorch runs float32 here, so compare float32 rows for like with like).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--depths", default="20,56,110")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--modes", default="eager,compile",
+                        help="PyTorch modes: eager, compile")
+    parser.add_argument("--json", help="also write every row to this file")
+    args = parser.parse_args(argv)
+    try:
+        import torch
+
+        from benchmarks import torch_reference
+    except ImportError:
+        print("compare: error: PyTorch is not installed: pip install -e '.[torch]'",
+              file=sys.stderr)
+        return 2
+    import jax
+
+    from resnet_jax import bench
+    from resnet_jax.configs import cifar
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows, lines = [], ["| net | JAX images/s | best PyTorch images/s (mode) | JAX / PyTorch | "
+                       "JAX compile s |", "|---|---:|---:|---:|---:|"]
+    for depth in map(int, args.depths.split(",")):
+        config = cifar.get_config(f"depth={depth}")
+        config.batch_size, config.dtype, config.num_devices = args.batch, args.dtype, 1
+        config.log_diagnostics = False  # the reference computes none
+        ours = bench.measure(config, steps=args.steps) | {"framework": "jax",
+                                                         "jax": jax.__version__}
+        rows.append(ours)
+        theirs = [torch_reference.measure(depth, batch_size=args.batch, steps=args.steps,
+                                          mode=mode, channels_last=cl, device=device)
+                  for mode in args.modes.split(",") for cl in (False, True)]
+        rows += theirs
+        best = max(theirs, key=lambda r: r["images_per_sec"])
+        lines.append(f"| {ours['net']} | {ours['images_per_sec']:.0f} | "
+                     f"{best['images_per_sec']:.0f} ({best['mode']}) | "
+                     f"{ours['images_per_sec'] / best['images_per_sec']:.2f} | "
+                     f"{ours['compile_s']:.1f} |")
+        for r in theirs:
+            print(f"  pytorch {r['net']} {r['mode']}: {r['images_per_sec']:.0f} images/s",
+                  file=sys.stderr, flush=True)
+    print(f"device: {jax.devices()[0].device_kind} (JAX {jax.__version__}), "
+          f"torch {torch.__version__} on {device}, batch {args.batch}, {args.dtype} JAX")
+    print("\n".join(lines))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
