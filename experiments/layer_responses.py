@@ -26,7 +26,8 @@ DEPTHS = (20, 56, 110)
 
 def responses(run_dir: pathlib.Path, num_images: int) -> list[float]:
     model, _, ds = train.load_trained(run_dir)
-    images = data.normalize(jnp.asarray(ds.test.images[:num_images]),
+    # A fixed random sample: image folders list the test set class by class.
+    images = data.normalize(jnp.asarray(data.subset(ds.test, num_images).images),
                             jnp.asarray(data.mean_image(ds.train.images)))
     return models.layer_response_stds(model, images)
 
