@@ -24,7 +24,7 @@ import pathlib
 import sys
 
 from experiments.degradation import PRESETS, collect, seed_statistics
-from experiments.sweep import Run, run_sweep
+from experiments.sweep import Run, Stopped, run_sweep
 
 
 def study_args(study: str, small: bool) -> list[tuple[str, int]]:
@@ -98,6 +98,9 @@ def main(argv=None) -> int:
         except (ConfigError, DataError) as e:
             print(f"ablations: error: {e}", file=sys.stderr)
             return 2
+        except Stopped as e:
+            print(f"ablations: {e}", file=sys.stderr)
+            return e.exit_status
     report(root, args.study, f"Ablation '{args.study}', {args.dataset or PRESETS[args.preset].dataset}"
            f" ({args.preset} preset)")
     return 0

@@ -36,7 +36,7 @@ import pathlib
 import statistics
 import sys
 
-from experiments.sweep import Run, run_sweep
+from experiments.sweep import Run, Stopped, run_sweep
 
 # He et al. 2015, Table 6 (CIFAR-10 test error, %, best of 5; 110 also as mean +- std).
 PAPER_TEST_ERROR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}
@@ -253,6 +253,9 @@ def main(argv=None) -> int:
         except (ConfigError, DataError) as e:
             print(f"degradation: error: {e}", file=sys.stderr)
             return 2
+        except Stopped as e:
+            print(f"degradation: {e}", file=sys.stderr)
+            return e.exit_status
         if args.index is not None:
             return 0
     report(root, title)

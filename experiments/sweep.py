@@ -18,11 +18,21 @@ import importlib.util
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+class Stopped(Exception):
+    """The sweep stopped before its end (a run was preempted or failed); `exit_status` is the
+    run's. Rerunning the sweep trains only what is missing."""
+
+    def __init__(self, message: str, exit_status: int):
+        super().__init__(message)
+        self.exit_status = exit_status
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,38 +70,71 @@ def is_finished(workdir: pathlib.Path, total_steps: int) -> bool:
     return path.exists() and json.loads(path.read_text())["step"] >= total_steps
 
 
+class Progress:
+    """Runs done, running and left over the whole sweep, and the time left: extrapolated by
+    cost = iterations x depth, since a 110-layer run is not a 20-layer one."""
+
+    def __init__(self, runs: list[Run], todo: list[Run]):
+        self.total, self.done = len(runs), len(runs) - len(todo)
+        self.cost = {r.name: r.build().total_steps * r.build().get("depth", 1) for r in todo}
+        self.start, self.done_cost, self.running = time.time(), 0, {}
+
+    def finished(self, name: str) -> None:
+        self.done, self.done_cost = self.done + 1, self.done_cost + self.cost[name]
+        self.running.pop(name, None)
+        self.report()
+
+    def report(self) -> None:
+        left = self.total - self.done - len(self.running)
+        eta = ""
+        if self.done_cost:
+            remaining = sum(self.cost.values()) - self.done_cost
+            eta = (f", about {(time.time() - self.start) / self.done_cost * remaining / 60:.0f}"
+                   " min left")
+        print(f"[sweep] {self.done}/{self.total} done, {len(self.running)} running, "
+              f"{left} left{eta}", flush=True)
+
+
 def run_sweep(runs: list[Run], root: pathlib.Path, *, processes: int = 1) -> None:
-    """Trains every unfinished run of `runs` under `root`."""
+    """Trains every unfinished run of `runs` under `root`; raises Stopped if one is preempted
+    (SIGTERM) or fails."""
     from resnet_jax import train  # late: a --plot-only caller never starts JAX
+    from resnet_jax.checkpoint import Preempted
 
     root.mkdir(parents=True, exist_ok=True)
     todo = [r for r in runs if not is_finished(root / r.name, r.build().total_steps)]
-    done_before = len(runs) - len(todo)
-    # Time left is extrapolated by cost = iterations x depth: a 110-layer run is not a 20's.
-    cost = {r.name: r.build().total_steps * r.build().get("depth", 1) for r in todo}
-    start, finished, running, done_cost = time.time(), 0, {}, 0
-
-    def report():
-        left = len(todo) - finished - len(running)
-        eta = ""
-        if done_cost:
-            remaining = sum(cost.values()) - done_cost
-            eta = f", about {(time.time() - start) / done_cost * remaining / 60:.0f} min left"
-        print(f"[sweep] {done_before + finished}/{len(runs)} done, {len(running)} running, "
-              f"{left} left{eta}", flush=True)
-
-    report()
+    progress = Progress(runs, todo)
+    progress.report()
     if processes <= 1:
         for run in todo:
-            running[run.name] = None
+            progress.running[run.name] = None
             print(f"[sweep] {run.name}", flush=True)
-            train.train_and_evaluate(run.build(), str(root / run.name))
-            del running[run.name]
-            finished, done_cost = finished + 1, done_cost + cost[run.name]
-            report()
+            try:
+                train.train_and_evaluate(run.build(), str(root / run.name))
+            except Preempted as e:
+                raise Stopped(f"{e} (run {run.name}); rerun the sweep to finish it",
+                              143) from None
+            progress.finished(run.name)
         return
+
     queue = list(todo)
+
+    def pass_on_sigterm(signum, frame):  # the runs checkpoint and stop; the loop sees them go
+        queue.clear()
+        for proc, _ in progress.running.values():
+            proc.send_signal(signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, pass_on_sigterm)
+    try:
+        _run_in_subprocesses(queue, root, processes, progress)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_in_subprocesses(queue: list[Run], root: pathlib.Path, processes: int,
+                         progress: Progress) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    running, failure = progress.running, None
     while queue or running:
         while queue and len(running) < processes:
             run = queue.pop(0)
@@ -99,14 +142,21 @@ def run_sweep(runs: list[Run], root: pathlib.Path, *, processes: int = 1) -> Non
             log = open(root / run.name / "log.txt", "a")
             running[run.name] = (subprocess.Popen(run.command(root / run.name), stdout=log,
                                                   stderr=subprocess.STDOUT, env=env), log)
-            report()
+            progress.report()
         time.sleep(1)
         for name, (proc, log) in list(running.items()):
-            if proc.poll() is not None:
-                log.close()
-                del running[name]
-                if proc.returncode:
-                    raise RuntimeError(f"run {name} failed (exit {proc.returncode}): see "
-                                       f"{root / name / 'log.txt'}")
-                finished, done_cost = finished + 1, done_cost + cost[name]
-                report()
+            if proc.poll() is None:
+                continue
+            log.close()
+            if not proc.returncode:
+                progress.finished(name)
+                continue
+            del running[name]
+            if failure is None:  # start nothing new; the runs under way finish or stop
+                what = "was preempted" if proc.returncode == 143 else "failed"
+                failure = Stopped(f"run {name} {what} (exit {proc.returncode}): see "
+                                  f"{root / name / 'log.txt'}; rerun the sweep to finish what "
+                                  "is missing", proc.returncode)
+                queue.clear()
+    if failure is not None:
+        raise failure

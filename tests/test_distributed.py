@@ -84,16 +84,14 @@ def test_one_process_writes_the_logs(runs):
     assert json.loads((root / "two" / "summary.json").read_text())["step"] == 8
 
 
-def test_pmap_is_refused_across_processes(tmp_path):
-    proc = subprocess.run(
-        ["bash", "launch/local.sh", "2", *TRAIN, "--config.parallelism=pmap",
-         f"--workdir={tmp_path / 'run'}"], cwd=REPO,
-        env=env(PORT=str(free_port()), LOG_DIR=str(tmp_path)), capture_output=True, text=True,
-        timeout=600)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == (
-        "resnet-jax: error: parallelism=pmap runs in one process here, but this job has 2: "
-        "use parallelism=jit across processes")
+def test_pmap_is_refused_across_processes(monkeypatch):
+    from resnet_jax import parallel
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError) as e:
+        parallel.create_backend("pmap", 32)
+    assert str(e.value) == ("parallelism=pmap runs in one process here, but this job has 2: "
+                            "use parallelism=jit across processes")
 
 
 def test_sigterm_stops_every_process_at_one_step_and_the_job_resumes(tmp_path):

@@ -1,12 +1,16 @@
 """The degradation experiment end to end on its smoke preset, its sweep, and the paper preset."""
 
 import json
+import os
+import pathlib
 
 import pytest
 
 from experiments import degradation, layer_responses
 from experiments.sweep import Run, run_sweep
 from tests.test_data import write_prepared_tfds
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +141,36 @@ def test_preact_ablation_smoke(tmp_path):
         "depth=11,bottleneck=true,shortcut=B,block=pre,width=1,dataset=digits",
         "depth=8,block=post,width=1,dataset=digits", "depth=8,block=pre,width=1,dataset=digits"]
     assert (tmp_path / "ablation_preact.md").exists()
+
+
+def test_sigterm_to_a_sweep_stops_its_runs_at_a_checkpoint(tmp_path):
+    """The sweep passes SIGTERM on to the runs it started; each checkpoints and stops, and the
+    sweep ends naming the run, with 143, so a rerun finishes only what is missing."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = ("import pathlib, sys\n"
+              "from experiments.sweep import Run, Stopped, run_sweep\n"
+              "run = Run('depth=8,dataset=digits', {'total_steps': 100000, 'batch_size': 32,\n"
+              "          'log_every_steps': 5, 'eval_every_steps': 100000})\n"
+              "try:\n"
+              f"    run_sweep([run], pathlib.Path({str(tmp_path)!r}), processes=2)\n"
+              "except Stopped as e:\n"
+              "    print(e, file=sys.stderr); sys.exit(e.exit_status)\n")
+    sweep = subprocess.Popen([sys.executable, "-c", script], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "XLA_FLAGS": ""})
+    metrics = tmp_path / "depth=8,dataset=digits" / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert sweep.poll() is None, sweep.communicate()
+        time.sleep(0.05)
+    sweep.send_signal(signal.SIGTERM)
+    _, err = sweep.communicate(timeout=300)
+    assert sweep.returncode == 143, err
+    assert "run depth=8,dataset=digits was preempted (exit 143)" in err
+    log = (tmp_path / "depth=8,dataset=digits" / "log.txt").read_text()
+    assert "preempted (SIGTERM) at step" in log
+    assert any(p.name.isdigit() for p in (tmp_path / "depth=8,dataset=digits" /
+                                          "checkpoints").iterdir())
