@@ -79,6 +79,7 @@ def measure(depth: int, *, residual: bool = True, batch_size: int = 128, steps: 
         return loss
 
     if mode == "compile":
+        torch._dynamo.reset()  # a fresh cache per net: no recompile limit across measurements
         step = torch.compile(step)
     elif mode != "eager":
         raise ValueError(f"unknown mode {mode!r}: use eager or compile")
