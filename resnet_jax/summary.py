@@ -80,15 +80,16 @@ def describe_config(config) -> dict:
             **describe(model, image_shape)}
 
 
-def standard_nets() -> list[dict]:
+def standard_nets(cifar_depths=(20, 32, 44, 56, 110, 1202),
+                  imagenet_depths=(18, 34, 50, 101, 152)) -> list[dict]:
     """The paper's nets with their exact counts: CIFAR (option A, 10 classes), ImageNet (B)."""
     out = []
-    for depth in (20, 32, 44, 56, 110, 1202):
+    for depth in cifar_depths:
         for residual in (True, False):
             model = models.cifar_resnet(depth, residual=residual, rngs=nnx.Rngs(0))
             out.append({"name": f"{'ResNet' if residual else 'plain'}-{depth}", "family": "cifar",
                         **_counts(model, (32, 32, 3))})
-    for depth in (18, 34, 50, 101, 152):
+    for depth in imagenet_depths:
         for residual in (True, False) if depth <= 34 else (True,):
             model = models.imagenet_resnet(depth, residual=residual, shortcut="B",
                                            rngs=nnx.Rngs(0))

