@@ -24,7 +24,7 @@ import pathlib
 import sys
 
 from experiments.degradation import PRESETS, collect, seed_statistics
-from experiments.sweep import Run, Stopped, run_sweep
+from experiments.sweep import Run, run_sweep_command
 
 
 def study_args(study: str, small: bool) -> list[tuple[str, int]]:
@@ -89,18 +89,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     root = pathlib.Path(args.root)
     if not args.plot_only:
-        from resnet_jax.data import DataError
-        from resnet_jax.train import ConfigError
-
-        try:
-            run_sweep(runs(args.study, args.preset, args.dataset), root,
-                      processes=args.processes)
-        except (ConfigError, DataError) as e:
-            print(f"ablations: error: {e}", file=sys.stderr)
-            return 2
-        except Stopped as e:
-            print(f"ablations: {e}", file=sys.stderr)
-            return e.exit_status
+        status = run_sweep_command("ablations", runs(args.study, args.preset, args.dataset),
+                                   root, processes=args.processes)
+        if status:
+            return status
     report(root, args.study, f"Ablation '{args.study}', {args.dataset or PRESETS[args.preset].dataset}"
            f" ({args.preset} preset)")
     return 0

@@ -37,7 +37,7 @@ import pathlib
 import statistics
 import sys
 
-from experiments.sweep import Run, Stopped, run_sweep
+from experiments.sweep import Run, run_sweep_command
 
 # He et al. 2015, Table 6 (CIFAR-10 test error, %, best of 5; 110 also as mean +- std).
 PAPER_TEST_ERROR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}
@@ -244,21 +244,9 @@ def main(argv=None) -> int:
             return 2
         runs = [runs[args.index]]
     if not args.plot_only:
-        from resnet_jax import parallel
-        from resnet_jax.data import DataError
-        from resnet_jax.train import ConfigError
-
-        parallel.initialize_distributed()  # a no-op unless launched as several processes
-        try:
-            run_sweep(runs, root, processes=args.processes)
-        except (ConfigError, DataError) as e:
-            print(f"degradation: error: {e}", file=sys.stderr)
-            return 2
-        except Stopped as e:
-            print(f"degradation: {e}", file=sys.stderr)
-            return e.exit_status
-        if args.index is not None:
-            return 0
+        status = run_sweep_command("degradation", runs, root, processes=args.processes)
+        if status or args.index is not None:
+            return status
     report(root, title)
     return 0
 

@@ -70,13 +70,33 @@ def is_finished(workdir: pathlib.Path, total_steps: int) -> bool:
     return path.exists() and json.loads(path.read_text())["step"] >= total_steps
 
 
+def run_sweep_command(prog: str, runs: list[Run], root: pathlib.Path, *,
+                      processes: int = 1) -> int:
+    """`run_sweep` for an experiment's command line: joins a multi-process job when launched as
+    one, and turns a bad config, bad data or a stopped run into one line; the exit status."""
+    from resnet_jax import parallel
+    from resnet_jax.data import DataError
+    from resnet_jax.train import ConfigError
+
+    parallel.initialize_distributed()  # a no-op unless launched as several processes
+    try:
+        run_sweep(runs, root, processes=processes)
+    except (ConfigError, DataError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except Stopped as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return e.exit_status
+    return 0
+
+
 class Progress:
     """Runs done, running and left over the whole sweep, and the time left: extrapolated by
     cost = iterations x depth, since a 110-layer run is not a 20-layer one."""
 
-    def __init__(self, runs: list[Run], todo: list[Run]):
-        self.total, self.done = len(runs), len(runs) - len(todo)
-        self.cost = {r.name: r.build().total_steps * r.build().get("depth", 1) for r in todo}
+    def __init__(self, total: int, todo: dict):
+        self.total, self.done = total, total - len(todo)
+        self.cost = {name: c.total_steps * c.get("depth", 1) for name, c in todo.items()}
         self.start, self.done_cost, self.running = time.time(), 0, {}
 
     def finished(self, name: str) -> None:
@@ -102,15 +122,16 @@ def run_sweep(runs: list[Run], root: pathlib.Path, *, processes: int = 1) -> Non
     from resnet_jax.checkpoint import Preempted
 
     root.mkdir(parents=True, exist_ok=True)
-    todo = [r for r in runs if not is_finished(root / r.name, r.build().total_steps)]
-    progress = Progress(runs, todo)
+    configs = {r.name: r.build() for r in runs}
+    todo = [r for r in runs if not is_finished(root / r.name, configs[r.name].total_steps)]
+    progress = Progress(len(runs), {r.name: configs[r.name] for r in todo})
     progress.report()
     if processes <= 1:
         for run in todo:
             progress.running[run.name] = None
             print(f"[sweep] {run.name}", flush=True)
             try:
-                train.train_and_evaluate(run.build(), str(root / run.name))
+                train.train_and_evaluate(configs[run.name], str(root / run.name))
             except Preempted as e:
                 raise Stopped(f"{e} (run {run.name}); rerun the sweep to finish it",
                               143) from None
