@@ -11,12 +11,15 @@ Models hold no mesh, device or process logic. Batch norm is told from outside (`
 which examples share statistics: the training side sets the axis name or the group size.
 Call a model as `model(images, train=True|False)`, or `forward(model, images, train=...)` for
 the logits and the depth diagnostics (Fig. 7 responses, branch ratios); NHWC images, float32
-logits.
+logits. `scan_blocks=True` runs each stretch of identical blocks under one `jax.lax.scan` (same
+parameters, same numbers), so that compile time does not grow with depth.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import operator
 from typing import Any
 
 import jax
@@ -225,10 +228,13 @@ class ResNet(nnx.Module):
     def __init__(self, *, stem: str, stage_sizes, stage_widths, bottleneck: bool,
                  num_classes: int, in_channels: int = 3, residual: bool = True,
                  shortcut: str = "A", preact: bool = False, dtype=jnp.float32,
-                 bn: BatchNormConfig = BatchNormConfig(), rngs: nnx.Rngs):
+                 bn: BatchNormConfig = BatchNormConfig(), scan_blocks: bool = False,
+                 rngs: nnx.Rngs):
         if shortcut not in SHORTCUTS:
             raise ValueError(f"unknown shortcut {shortcut!r}: use one of {', '.join(SHORTCUTS)}")
         self.stem_kind, self.preact, self.dtype = stem, preact, dtype
+        # Call-time only: the blocks stay separate modules (checkpoints and gradients per block).
+        self.scan_blocks = scan_blocks
         stem_width = stage_widths[0]
         k, s = (3, 1) if stem == "cifar" else (7, 2)
         self.stem = conv(in_channels, stem_width, k, s, dtype, rngs)
@@ -257,12 +263,90 @@ class ResNet(nnx.Module):
             x = nnx.relu(x)
         if self.stem_kind == "imagenet":
             x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        for block in self.blocks:
-            x = block(x, train=train)
+        if self.scan_blocks:
+            x = run_blocks_scanned(list(self.blocks), x, train=train)
+        else:
+            for block in self.blocks:
+                x = block(x, train=train)
         if self.head_bn is not None:
             x = nnx.relu(self.head_bn(x, train=train))
         x = jnp.mean(x, axis=(1, 2))
         return self.head(x).astype(jnp.float32)
+
+
+def run_blocks_scanned(blocks: list[nnx.Module], x: jax.Array, *, train: bool) -> jax.Array:
+    """Calls `blocks` in order, each run of two or more consecutive identical blocks (same
+    graph, same parameter shapes; in the paper's nets every block of a stage after the first)
+    as one `jax.lax.scan`, so that XLA compiles one block per run instead of every block.
+
+    The blocks stay separate modules: their parameters and statistics are stacked for the scan
+    (gradients flow back through the stack to each block's own parameters), the updated batch
+    statistics are written back into each block afterwards, and the values each block sowed are
+    sown again on that block in block order, so `forward` returns what the unrolled loop gives.
+    """
+    with _captures_detached(blocks):
+        splits = [nnx.split(b, nnx.Param, nnx.BatchStat, ...) for b in blocks]
+    i = 0
+    while i < len(blocks):
+        j = i + 1
+        while j < len(blocks) and _identical(splits[i], splits[j]):
+            j += 1
+        if j - i < 2:
+            x = blocks[i](x, train=train)
+        else:
+            x = _scan_run(blocks[i:j], splits[i:j], x, train=train)
+        i = j
+    return x
+
+
+@contextlib.contextmanager
+def _captures_detached(blocks):
+    """Takes `nnx.capture`'s per-module collectors off `blocks` for the duration, so that they
+    split into a graph the scan body can merge: an enclosing capture (as in `forward`) puts one
+    on every module, and Flax 0.12 cannot merge a graph holding both those and an nnx.List. The
+    blocks' sown values never go there in the meantime; they are sown after the scan."""
+    detached = [(m, m.__captures__) for b in blocks for _, m in nnx.iter_modules(b)
+                if "__captures__" in vars(m)]
+    for m, _ in detached:
+        delattr(m, "__captures__")
+    try:
+        yield
+    finally:
+        for m, captures in detached:
+            m.__captures__ = nnx.data(captures)
+
+
+def _identical(a, b) -> bool:
+    """Whether two blocks' splits describe the same computation on different numbers."""
+    (graph_a, *states_a), (graph_b, *states_b) = a, b
+    shapes = lambda t: jax.tree.map(lambda v: (v.shape, v.dtype), t)  # noqa: E731
+    # Anything but parameters and statistics (such as values sown outside `nnx.capture`) is
+    # closed over by the scan body, not scanned: only blocks without any can share a scan.
+    return (not jax.tree.leaves(a[3]) and not jax.tree.leaves(b[3]) and graph_a == graph_b
+            and jax.tree.structure(states_a) == jax.tree.structure(states_b)
+            and shapes(states_a) == shapes(states_b))
+
+
+def _scan_run(blocks, splits, x, *, train):
+    graphdef, _, _, rest = splits[0]
+    stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)  # noqa: E731
+    params, stats = stack([s[1] for s in splits]), stack([s[2] for s in splits])
+
+    def body(x, block_state):
+        block = nnx.merge(graphdef, *block_state, rest, copy=True)
+        y, sown = nnx.capture(block, nnx.Intermediate)(x, train=train)
+        return y, (nnx.state(block, nnx.BatchStat), sown)
+
+    x, (stats, sown) = jax.lax.scan(body, x, (params, stats))
+    for k, block in enumerate(blocks):
+        nnx.update(block, jax.tree.map(operator.itemgetter(k), stats))
+        for path, var in nnx.to_flat_state(sown):
+            module = block
+            for key in path[:-1]:
+                module = module[key] if isinstance(key, int) else getattr(module, key)
+            for value in var.get_value():  # the tuple `Module.sow` accumulates, in call order
+                module.sow(type(var), path[-1], value[k])
+    return x
 
 
 def check_architecture(family: str, depth: int, width: int = 1,

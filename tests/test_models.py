@@ -1,4 +1,7 @@
-"""Facts about the networks: exact parameter counts, plain twins, shortcuts, BN groups, MACs."""
+"""Facts about the networks: exact parameter counts, plain twins, shortcuts, BN groups, MACs;
+identical blocks under scan computing what the unrolled loop computes."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -131,3 +134,83 @@ def test_bottleneck_cifar_nets_count_their_depth():
     assert model.head.in_features == 256
     with pytest.raises(ValueError, match="9n\\+2"):
         models.cifar_resnet(32, bottleneck=True, rngs=nnx.Rngs(0))
+
+
+# --- Blocks under jax.lax.scan (scan_blocks=True): the same numbers, one compiled block per run.
+
+
+def _train_and_eval(model, x, labels):
+    """One compiled pass: gradients, logits, updated batch statistics and diagnostics in
+    training mode; logits and diagnostics in evaluation mode. XLA's backend optimisations are
+    off to keep the tests fast; both sides of each comparison compile the same way."""
+    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+
+    def run(params, stats):
+        def loss_fn(params):
+            m = nnx.merge(graphdef, params, stats, copy=True)
+            logits, diagnostics = models.forward(m, x, train=True)
+            loss = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+            return loss, (logits, nnx.state(m, nnx.BatchStat), diagnostics)
+
+        grads, train_out = jax.grad(loss_fn, has_aux=True)(params)
+        eval_out = models.forward(nnx.merge(graphdef, params, stats, copy=True), x, train=False)
+        return grads, train_out, eval_out
+
+    compiled = jax.jit(run).lower(params, stats).compile({"xla_backend_optimization_level": 0})
+    return compiled(params, stats)
+
+
+@pytest.mark.parametrize("depth, kwargs", [
+    (20, dict()),  # post-activation, option A: a scanned run in every stage
+    (14, dict(preact=True, residual=False, bn=models.BatchNormConfig(group_size=2))),
+    (29, dict(bottleneck=True, preact=True, shortcut="B")),  # 3 bottlenecks per stage
+])
+def test_scanned_blocks_compute_what_the_unrolled_loop_computes(depth, kwargs):
+    x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+    labels = jnp.arange(4) % 10
+    unrolled, scanned = (
+        _train_and_eval(models.cifar_resnet(depth, scan_blocks=scan, rngs=nnx.Rngs(0), **kwargs),
+                        x, labels)
+        for scan in (False, True))
+    (grads_u, (logits_u, stats_u, diag_u), (eval_u, eval_diag_u)) = unrolled
+    (grads_s, (logits_s, stats_s, diag_s), (eval_s, eval_diag_s)) = scanned
+    # The same values, bit for bit or within an ulp or two where XLA fuses the scan's body
+    # differently from the unrolled blocks.
+    same = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=0)
+    same(logits_s, logits_u)
+    same(eval_s, eval_u)
+    # The same per-block structure (checkpoints, per-block diagnostics) and statistics.
+    assert jax.tree.structure(stats_s) == jax.tree.structure(stats_u)
+    jax.tree.map(same, stats_s, stats_u)
+    for got, want in ((diag_s, diag_u), (eval_diag_s, eval_diag_u)):
+        assert {k: len(v) for k, v in got.items()} == {k: len(v) for k, v in want.items()}
+        jax.tree.map(same, got, want)
+    blocks = 3 * ((depth - 2) // (9 if kwargs.get("bottleneck") else 6))
+    assert len(diag_u["branch_ratio"]) == (0 if kwargs.get("residual") is False else blocks)
+    assert len(diag_u["response_std"]) == (0 if kwargs.get("preact") else depth - 1)
+    # Gradients reach every block's own parameters; the scan's backward pass sums in another
+    # order, so they agree to float32 rounding.
+    assert jax.tree.structure(grads_s) == jax.tree.structure(grads_u)
+    for g_s, g_u in zip(jax.tree.leaves(grads_s), jax.tree.leaves(grads_u)):
+        np.testing.assert_allclose(g_s, g_u, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(g_u))))
+
+
+def test_scanned_train_step_does_not_grow_with_depth():
+    """The lowered train step (forward, backward, diagnostics) holds one copy of each distinct
+    block under scan_blocks=True: as many convolutions at 56 layers as at 20."""
+    from resnet_jax import train
+    from resnet_jax.configs import cifar
+
+    config = cifar.get_config()
+    schedule = train.create_lr_schedule(config)
+    tx = train.create_optimizer(config, schedule)
+    batch = {"image": jnp.zeros((2, 16, 16, 3)), "label": jnp.zeros((2,), jnp.int32)}
+
+    def convolutions(depth, scan):
+        model = models.cifar_resnet(depth, scan_blocks=scan, rngs=nnx.Rngs(0))
+        graphdef, state = train.create_train_state(model, tx)
+        step = train.make_train_step(graphdef, tx, schedule, stage_of_block=model.stage_of_block)
+        return jax.jit(step).lower(state, batch).as_text().count("stablehlo.convolution")
+
+    assert convolutions(56, scan=True) == convolutions(20, scan=True)
+    assert convolutions(56, scan=False) > convolutions(20, scan=False) > convolutions(20, True)
