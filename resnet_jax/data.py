@@ -8,16 +8,19 @@
 Decoding TFDS and folder datasets is slow, so the decoded arrays are cached as .npz under
 `cache_dir()`, keyed by the source files' paths, sizes and mtimes: only the first load decodes.
 
-The second section, at the end of this file, holds augmentation and device placement.
+The second section, at the end of this file, holds augmentation and device placement
+(`DeviceFeed`). Datasets too big for device memory (ImageNet) stream from the hosts instead:
+pipeline.py.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import pathlib
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -331,3 +334,48 @@ def eval_batches(split: Split, batch_size: int) -> dict[str, np.ndarray]:
     shape = (num_batches, batch_size)
     return {"image": images.reshape(shape + images.shape[1:]), "label": labels.reshape(shape),
             "mask": mask.reshape(shape)}
+
+
+class DeviceFeed:
+    """The training loop's view of an on-device dataset: the training set and its per-pixel mean
+    replicated on every device, each device cutting its own share of batch `step` there, and the
+    evaluation splits as uint8 batches with a padding mask. Same interface as
+    pipeline.StreamFeed."""
+
+    def __init__(self, ds: Dataset, config, backend):
+        self.num_classes, self.in_channels = ds.num_classes, ds.train.images.shape[-1]
+        self.num_train = len(ds.train.labels)
+        replicate = functools.partial(jax.device_put, device=backend.replicated)
+        self._images, self._labels = replicate(ds.train.images), replicate(ds.train.labels)
+        self.mean = replicate(mean_image(ds.train.images))
+        padding = (config.crop_padding if config.crop_padding >= 0
+                   else default_padding(ds.train.images.shape[1]))
+        self._key = jax.random.fold_in(jax.random.key(config.seed), 1)
+        self._cut = backend.compile_batch(functools.partial(
+            train_batch, batch_size=config.batch_size, padding=padding, flip=config.flip))
+
+        n = backend.num_devices
+        batch_size = max(n, config.eval_batch_size // n * n)
+        splits = {"test": ds.test} | ({"val": ds.validation} if ds.validation else {})
+
+        def put(split):
+            stacked = eval_batches(split, batch_size)
+            return [jax.device_put({k: v[i] for k, v in stacked.items()}, backend.data_sharding)
+                    for i in range(len(stacked["label"]))]
+
+        self._whole = {name: put(split) for name, split in splits.items()}
+        self._part = ({name: put(subset(split, config.eval_subset))
+                       for name, split in splits.items()} if config.eval_subset else self._whole)
+
+    @property
+    def eval_names(self) -> tuple[str, ...]:
+        return tuple(self._whole)
+
+    def train_batch(self, step: int) -> dict:
+        return self._cut(self._images, self._labels, self.mean, self._key, step)
+
+    def eval_batches(self, name: str, whole: bool) -> Iterator[dict]:
+        return iter((self._whole if whole else self._part)[name])
+
+    def close(self) -> None:
+        pass

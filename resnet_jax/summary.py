@@ -73,6 +73,8 @@ def describe_config(config) -> dict:
 
     train.check_config(config)
     image_shape, num_classes = data.shape_of(config.dataset)
+    if config.get("image_size"):  # streamed sets are cropped to image_size
+        image_shape = (config.image_size, config.image_size, image_shape[-1])
     model = train.create_model(config, num_classes=num_classes, in_channels=image_shape[-1])
     return {"config": f"{config.model} depth={config.depth} residual={config.residual} "
                       f"shortcut={config.shortcut} block={config.block} width={config.width}"

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from resnet_jax import data, models, parallel
+from resnet_jax import data, models, parallel, pipeline
 from resnet_jax.checkpoint import Checkpointer, Preempted, PreemptionWatch
 from resnet_jax.metrics import MetricsWriter
 
@@ -32,7 +32,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Keys that may change when a run resumes: they do not change what is computed.
 RESUMABLE_KEYS = {"total_steps", "log_every_steps", "log_diagnostics", "eval_every_steps",
                   "eval_subset", "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size",
-                  "parallelism", "num_devices", "tfds_data_dir", "max_converged_train_error"}
+                  "parallelism", "num_devices", "tfds_data_dir", "max_converged_train_error",
+                  "input_threads", "input_workers", "scan_blocks"}
 
 
 class ConfigError(ValueError):
@@ -56,6 +57,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for key in ("total_steps", "batch_size", "log_every_steps", "eval_every_steps",
                 "checkpoint_every_steps", "eval_batch_size", "keep_checkpoints"):
         need(config[key] > 0, f"{key}={config[key]} must be positive")
+    need(config.input_threads > 0 and config.input_workers >= 0,
+         f"input_threads={config.input_threads} must be positive and "
+         f"input_workers={config.input_workers} at least 0")
+    need(not pipeline.is_streamed(config.dataset) or config.get("image_size", 0) > 0,
+         f"{config.dataset} is streamed and needs a positive image_size: use "
+         "resnet_jax/configs/imagenet.py or set --config.image_size")
     need(config.eval_subset >= 0,
          f"eval_subset={config.eval_subset} must be >= 0 (0 = the whole split)")
     need(config.bn_group_size >= 0 and (config.bn_group_size == 0
@@ -84,6 +91,7 @@ def create_model(config, *, num_classes: int, in_channels: int,
     return family(config.depth, width=config.width, num_classes=num_classes,
                   in_channels=in_channels, residual=config.residual, shortcut=config.shortcut,
                   preact=BLOCKS[config.block], dtype=DTYPES[config.dtype], bn=bn,
+                  scan_blocks=config.get("scan_blocks", False),
                   rngs=rngs or nnx.Rngs(config.seed))
 
 
@@ -172,19 +180,16 @@ def _diagnostics(grads, sown, stage_of_block) -> dict[str, jax.Array]:
 
 
 def make_eval_step(graphdef):
-    """Loss and error (%) over a whole uint8 split laid out as (num_batches, batch, ...)."""
+    """(loss sum, wrong predictions, examples) over one uint8 batch; 'mask' marks the real
+    examples of a padded batch."""
 
-    def eval_step(state: TrainState, batches, mean):
-        def one(batch):
-            model = nnx.merge(graphdef, state.params, state.batch_stats, copy=True)
-            logits, _ = models.forward(model, data.normalize(batch["image"], mean), train=False)
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-            wrong = jnp.argmax(logits, -1) != batch["label"]
-            m = batch["mask"]
-            return jnp.sum(loss * m), jnp.sum(wrong * m), jnp.sum(m)
-
-        loss, wrong, count = jax.tree.map(jnp.sum, jax.lax.map(one, batches))
-        return {"loss": loss / count, "error": 100.0 * wrong / count}
+    def eval_step(state: TrainState, batch, mean):
+        model = nnx.merge(graphdef, state.params, state.batch_stats, copy=True)
+        logits, _ = models.forward(model, data.normalize(batch["image"], mean), train=False)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        wrong = jnp.argmax(logits, -1) != batch["label"]
+        m = batch["mask"]
+        return jnp.stack([jnp.sum(loss * m), jnp.sum(wrong * m), jnp.sum(m)])
 
     return eval_step
 
@@ -203,16 +208,31 @@ def create_training(config, backend: parallel.Backend, *, num_classes: int, in_c
     return graphdef, jax.device_put(state, backend.replicated), step
 
 
+def create_feed(config, backend: parallel.Backend):
+    """The training data as the loop sees it: on the devices (CIFAR-sized sets, data.py) or
+    streamed from the hosts, each process reading its share (ImageNet, pipeline.py)."""
+    if pipeline.is_streamed(config.dataset):
+        return pipeline.StreamFeed(config, backend)
+    ds = data.load(config.dataset, validation_size=config.validation_size,
+                   tfds_data_dir=config.tfds_data_dir or None)
+    return data.DeviceFeed(ds, config, backend)
+
+
 def load_trained(workdir: str | pathlib.Path):
-    """(model, config, dataset) of a run's latest checkpoint: for analyses after training."""
+    """(model, config, dataset) of a run's latest checkpoint: for analyses after training.
+    The dataset is None for streamed datasets (ImageNet): they are never loaded whole."""
     workdir = pathlib.Path(workdir)
     if not (workdir / "config.json").exists():
         raise ConfigError(f"{workdir} holds no run (no config.json): pass a run's --workdir")
     config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-    ds = data.load(config.dataset, validation_size=config.validation_size,
-                   tfds_data_dir=config.tfds_data_dir or None)
-    model = create_model(config, num_classes=ds.num_classes,
-                         in_channels=ds.train.images.shape[-1])
+    data_dir = config.tfds_data_dir or None
+    if pipeline.is_streamed(config.dataset):
+        ds, num_classes, in_channels = None, pipeline.num_classes(config.dataset, data_dir), 3
+    else:
+        ds = data.load(config.dataset, validation_size=config.validation_size,
+                       tfds_data_dir=data_dir)
+        num_classes, in_channels = ds.num_classes, ds.train.images.shape[-1]
+    model = create_model(config, num_classes=num_classes, in_channels=in_channels)
     graphdef, state = create_train_state(model, create_optimizer(config,
                                                                  create_lr_schedule(config)))
     if not (workdir / "checkpoints").is_dir():
@@ -274,23 +294,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                   f"(test error {summary['test/error']:.2f}%)", flush=True)
             return summary
 
-    # Data first: a bad dataset must fail before anything is written.
-    ds = data.load(config.dataset, validation_size=config.validation_size,
-                   tfds_data_dir=config.tfds_data_dir or None)
     try:
         backend = parallel.create_backend(config.parallelism, config.batch_size,
                                           config.num_devices)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if len(ds.train.labels) < config.batch_size:
-        raise ConfigError(f"dataset {config.dataset} has {len(ds.train.labels)} training "
+    # Data before anything is written: a bad dataset must fail first.
+    feed = create_feed(config, backend)
+    if feed.num_train < config.batch_size:
+        raise ConfigError(f"dataset {config.dataset} has {feed.num_train} training "
                           f"images, fewer than batch_size={config.batch_size}: lower batch_size")
     workdir.mkdir(parents=True, exist_ok=True)
     _write_json(workdir / "config.json", json.loads(config.to_json()))
 
-    image_shape = ds.train.images.shape[1:]
-    graphdef, state, train_step = create_training(config, backend, num_classes=ds.num_classes,
-                                                  in_channels=image_shape[-1])
+    graphdef, state, train_step = create_training(config, backend, num_classes=feed.num_classes,
+                                                  in_channels=feed.in_channels)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
     restored = checkpointer.restore_latest(state)
     if restored is not None:
@@ -299,35 +317,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start = int(state.step)
     writer = MetricsWriter(workdir, total_steps=config.total_steps)
     writer.truncate(start)
-
-    # The training set and its per-pixel mean live on the devices; batches are cut there.
-    replicate = lambda x: jax.device_put(x, backend.replicated)  # noqa: E731
-    train_images, train_labels = replicate(ds.train.images), replicate(ds.train.labels)
-    mean = replicate(data.mean_image(ds.train.images))
-    padding = (config.crop_padding if config.crop_padding >= 0
-               else data.default_padding(image_shape[0]))
-    data_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-    cut_batch = backend.compile_batch(functools.partial(
-        data.train_batch, batch_size=config.batch_size, padding=padding, flip=config.flip))
-    make_batch = lambda step: cut_batch(train_images, train_labels, mean, data_key, step)  # noqa
-
-    eval_bs = max(backend.num_devices, config.eval_batch_size // backend.num_devices
-                  * backend.num_devices)
-    eval_sets = {"test": ds.test} | ({"val": ds.validation} if ds.validation else {})
-    eval_sharding = jax.sharding.NamedSharding(backend.mesh,
-                                               jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
-    put_eval = lambda split: jax.device_put(data.eval_batches(split, eval_bs),  # noqa: E731
-                                            eval_sharding)
-    eval_data = {name: put_eval(split) for name, split in eval_sets.items()}
-    eval_part = ({name: put_eval(data.subset(split, config.eval_subset))
-                  for name, split in eval_sets.items()} if config.eval_subset else eval_data)
     eval_step = jax.jit(make_eval_step(graphdef))
 
     def evaluate(global_state, whole: bool):
         out = {}
-        for name, batches in (eval_data if whole else eval_part).items():
-            result = jax.device_get(eval_step(global_state, batches, mean))
-            out[f"{name}/error"], out[f"{name}/loss"] = result["error"], result["loss"]
+        for name in feed.eval_names:
+            sums = [eval_step(global_state, b, feed.mean) for b in feed.eval_batches(name, whole)]
+            loss, wrong, count = jax.device_get(sum(sums))
+            out[f"{name}/error"], out[f"{name}/loss"] = 100.0 * wrong / count, loss / count
         return out
 
     state = backend.put_state(state)
@@ -335,7 +332,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     watch = PreemptionWatch()
     try:
         for step in range(start, config.total_steps):
-            state, metrics = train_step(state, make_batch(step))
+            state, metrics = train_step(state, feed.train_batch(step))
             pending.append(metrics)
             if len(pending) > 2:
                 # Let the host run at most two steps ahead: a deeper queue gains nothing, and on
@@ -371,6 +368,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if preempted:
                 raise Preempted(done, workdir)
     finally:
+        feed.close()
         watch.close()
         checkpointer.close()
         writer.close()

@@ -235,50 +235,62 @@ def test_tfds_not_prepared_names_the_build_command(tmp_path, where):
     assert not list(tmp_path.iterdir())  # tfds must not have started writing anything.
 
 
-def write_prepared_tfds(data_dir, name, n_train, n_test):
-    """Writes a tiny `name` exactly as `tfds build --file_format=array_record` lays it out
+def write_array_record_dataset(data_dir, name, splits):
+    """Writes TFDS dataset `name` exactly as `tfds build --file_format=array_record` lays it out
     (dataset_info.json plus one ArrayRecord shard of tf.Example protos per split), without
-    TensorFlow, and returns {split: (images, labels)}.
+    TensorFlow. `splits`: {split: [{feature: bytes | int, ...} per example]}.
 
     Not tfds.testing.mock_data: in tfds 4.9.10 its data sources' __getitems__ is a plain
-    functools.partial that is never bound, so batched reads raise TypeError under the mock.
+    functools.partial that is never bound, so batched reads raise TypeError under the mock; and
+    its images are encoded with TensorFlow.
     """
     import tensorflow_datasets as tfds
     from array_record.python import array_record_module
     from tensorflow_datasets.proto import tf_example_pb2, tf_feature_pb2
 
+    def feature(value):
+        if isinstance(value, bytes):
+            return tf_feature_pb2.Feature(bytes_list=tf_feature_pb2.BytesList(value=[value]))
+        return tf_feature_pb2.Feature(int64_list=tf_feature_pb2.Int64List(value=[int(value)]))
+
     builder = tfds.builder(name, data_dir=str(data_dir), file_format="array_record")
     builder.data_path.mkdir(parents=True)
-    num_classes = builder.info.features["label"].num_classes
+    split_infos = []
+    for split, examples in splits.items():
+        writer = array_record_module.ArrayRecordWriter(
+            str(builder.data_path / f"{name}-{split}.array_record-00000-of-00001"), "group_size:1")
+        for example in examples:
+            proto = tf_example_pb2.Example(features=tf_feature_pb2.Features(
+                feature={k: feature(v) for k, v in example.items()}))
+            writer.write(proto.SerializeToString())
+        writer.close()
+        split_infos.append(tfds.core.SplitInfo(name=split, shard_lengths=[len(examples)],
+                                               num_bytes=0, filename_template=None))
+    builder.info.set_splits(tfds.core.SplitDict(split_infos))
+    builder.info.write_to_directory(builder.data_path)
+
+
+def png(image) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, "PNG")
+    return out.getvalue()
+
+
+def write_prepared_tfds(data_dir, name, n_train, n_test):
+    """A tiny prepared cifar10 or cifar100 in data_dir; returns {split: (images, labels)}."""
+    import tensorflow_datasets as tfds
+
+    num_classes = tfds.builder(name).info.features["label"].num_classes
     rng = np.random.default_rng(2)
-    expected, split_infos = {}, []
+    expected, splits = {}, {}
     for split, n in (("train", n_train), ("test", n_test)):
         images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
         labels = rng.integers(0, num_classes, n, dtype=np.int32)
-        writer = array_record_module.ArrayRecordWriter(
-            str(builder.data_path / f"{name}-{split}.array_record-00000-of-00001"), "group_size:1")
-        for i, (image, label) in enumerate(zip(images, labels)):
-            png = io.BytesIO()
-            Image.fromarray(image).save(png, "PNG")
-            feature = {
-                "id": tf_feature_pb2.Feature(
-                    bytes_list=tf_feature_pb2.BytesList(value=[b"%d" % i])),
-                "image": tf_feature_pb2.Feature(
-                    bytes_list=tf_feature_pb2.BytesList(value=[png.getvalue()])),
-                "label": tf_feature_pb2.Feature(int64_list=tf_feature_pb2.Int64List(value=[label])),
-                "coarse_label": tf_feature_pb2.Feature(  # cifar100 only; a different label.
-                    int64_list=tf_feature_pb2.Int64List(value=[(label + 1) % 20])),
-            }
-            if name == "cifar10":
-                del feature["coarse_label"]
-            example = tf_example_pb2.Example(features=tf_feature_pb2.Features(feature=feature))
-            writer.write(example.SerializeToString())
-        writer.close()
-        split_infos.append(tfds.core.SplitInfo(name=split, shard_lengths=[n], num_bytes=0,
-                                               filename_template=None))
-        expected[split] = (images, labels)
-    builder.info.set_splits(tfds.core.SplitDict(split_infos))
-    builder.info.write_to_directory(builder.data_path)
+        splits[split] = [{"id": b"%d" % i, "image": png(image), "label": label}
+                         | ({"coarse_label": (label + 1) % 20} if name == "cifar100" else {})
+                         for i, (image, label) in enumerate(zip(images, labels))]
+        expected[split] = (images, labels)  # cifar100's coarse label differs from the fine one
+    write_array_record_dataset(data_dir, name, splits)
     return expected
 
 

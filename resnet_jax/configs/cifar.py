@@ -35,6 +35,7 @@ def get_config(arg=None):
     # 0: batch-norm statistics over the whole global batch. The paper ran 2 GPUs x 64 images,
     # i.e. bn_group_size=64; the value never changes with the device count.
     c.bn_group_size = 0
+    c.scan_blocks = True  # identical blocks under one lax.scan: same numbers, flat compile time
 
     # Data.
     c.dataset = a["dataset"]
@@ -42,6 +43,11 @@ def get_config(arg=None):
     c.validation_size = 0  # 5000 gives the paper's 45k/5k train/validation split
     c.crop_padding = -1  # pixels of padding before the random crop; -1 = image side / 8 (4 on 32)
     c.flip = True
+    # Streamed datasets (ImageNet, pipeline.py): host threads that decode and augment batches,
+    # and grain worker processes beside them (0: threads in the training process only).
+    # Neither changes the batches.
+    c.input_threads = 8
+    c.input_workers = 0
 
     # Optimisation (schedule in iterations; independent of the number of devices).
     c.batch_size = 128  # global
