@@ -85,12 +85,15 @@ def main(argv=None) -> int:
     parser.add_argument("--root", required=True)
     parser.add_argument("--dataset", help="override the preset's dataset")
     parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--seeds-per-program", type=int, default=1,
+                        help="train up to this many seeds of one net in one program (vmap)")
     parser.add_argument("--plot-only", action="store_true", help="rewrite the table, train nothing")
     args = parser.parse_args(argv)
     root = pathlib.Path(args.root)
     if not args.plot_only:
         status = run_sweep_command("ablations", runs(args.study, args.preset, args.dataset),
-                                   root, processes=args.processes)
+                                   root, processes=args.processes,
+                                   seeds_per_program=args.seeds_per_program)
         if status:
             return status
     report(root, args.study, f"Ablation '{args.study}', {args.dataset or PRESETS[args.preset].dataset}"

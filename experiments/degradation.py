@@ -222,6 +222,8 @@ def main(argv=None) -> int:
     parser.add_argument("--root", required=True, help="directory of the sweep's runs and outputs")
     parser.add_argument("--dataset", help="override the preset's dataset, e.g. folder:/data/c10")
     parser.add_argument("--processes", type=int, default=1, help="runs trained at once")
+    parser.add_argument("--seeds-per-program", type=int, default=1,
+                        help="train up to this many seeds of one net in one program (vmap)")
     parser.add_argument("--plot-only", action="store_true", help="redraw from ROOT, train nothing")
     parser.add_argument("--title", help="figure and table title (default: preset and dataset)")
     parser.add_argument("--list", action="store_true", help="print the sweep's runs, one a line")
@@ -244,7 +246,8 @@ def main(argv=None) -> int:
             return 2
         runs = [runs[args.index]]
     if not args.plot_only:
-        status = run_sweep_command("degradation", runs, root, processes=args.processes)
+        status = run_sweep_command("degradation", runs, root, processes=args.processes,
+                                   seeds_per_program=args.seeds_per_program)
         if status or args.index is not None:
             return status
     report(root, title)

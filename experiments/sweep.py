@@ -71,7 +71,7 @@ def is_finished(workdir: pathlib.Path, total_steps: int) -> bool:
 
 
 def run_sweep_command(prog: str, runs: list[Run], root: pathlib.Path, *,
-                      processes: int = 1) -> int:
+                      processes: int = 1, seeds_per_program: int = 1) -> int:
     """`run_sweep` for an experiment's command line: joins a multi-process job when launched as
     one, and turns a bad config, bad data or a stopped run into one line; the exit status."""
     from resnet_jax import parallel
@@ -80,8 +80,8 @@ def run_sweep_command(prog: str, runs: list[Run], root: pathlib.Path, *,
 
     parallel.initialize_distributed()  # a no-op unless launched as several processes
     try:
-        run_sweep(runs, root, processes=processes)
-    except (ConfigError, DataError) as e:
+        run_sweep(runs, root, processes=processes, seeds_per_program=seeds_per_program)
+    except (ConfigError, DataError, ValueError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except Stopped as e:
@@ -115,27 +115,53 @@ class Progress:
               f"{left} left{eta}", flush=True)
 
 
-def run_sweep(runs: list[Run], root: pathlib.Path, *, processes: int = 1) -> None:
+def latest_checkpoint(workdir: pathlib.Path) -> int | None:
+    ckpts = workdir / "checkpoints"
+    steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.is_dir() else []
+    return max(steps, default=None)
+
+
+def seed_groups(todo: list[Run], configs: dict, root: pathlib.Path, size: int) -> list[list[Run]]:
+    """`todo` in groups of at most `size` runs that differ only in their seed and resume from
+    the same step: each group trains in one program. Order is kept within and across groups."""
+    groups: dict = {}
+    for run in todo:
+        config = configs[run.name].to_dict()
+        config.pop("seed")
+        key = (json.dumps(config, sort_keys=True, default=str), latest_checkpoint(root / run.name))
+        groups.setdefault(key, []).append(run)
+    return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
+
+
+def run_sweep(runs: list[Run], root: pathlib.Path, *, processes: int = 1,
+              seeds_per_program: int = 1) -> None:
     """Trains every unfinished run of `runs` under `root`; raises Stopped if one is preempted
-    (SIGTERM) or fails."""
+    (SIGTERM) or fails. `seeds_per_program=K`: runs that differ only in their seed train K at a
+    time in one compiled program (in this process; not with processes > 1)."""
     from resnet_jax import train  # late: a --plot-only caller never starts JAX
     from resnet_jax.checkpoint import Preempted
 
+    if seeds_per_program < 1 or (seeds_per_program > 1 and processes > 1):
+        raise ValueError(f"seeds_per_program={seeds_per_program} with processes={processes}: "
+                         "use seeds_per_program >= 1, and more than 1 only with one process")
     root.mkdir(parents=True, exist_ok=True)
     configs = {r.name: r.build() for r in runs}
     todo = [r for r in runs if not is_finished(root / r.name, configs[r.name].total_steps)]
     progress = Progress(len(runs), {r.name: configs[r.name] for r in todo})
     progress.report()
     if processes <= 1:
-        for run in todo:
-            progress.running[run.name] = None
-            print(f"[sweep] {run.name}", flush=True)
+        for group in seed_groups(todo, configs, root, seeds_per_program):
+            names = [run.name for run in group]
+            for name in names:
+                progress.running[name] = None
+            print(f"[sweep] {', '.join(names)}", flush=True)
             try:
-                train.train_and_evaluate(configs[run.name], str(root / run.name))
+                train.train_runs([configs[n] for n in names], [str(root / n) for n in names])
             except Preempted as e:
-                raise Stopped(f"{e} (run {run.name}); rerun the sweep to finish it",
+                raise Stopped(f"{e} (runs {', '.join(names)}); rerun the sweep to finish them",
                               143) from None
-            progress.finished(run.name)
+            for name in names:
+                progress.finished(name)
         return
 
     queue = list(todo)

@@ -31,19 +31,23 @@ def peak_flops(device_kind: str, dtype: str) -> float | None:
                  if kind in device_kind and dt == dtype), None)
 
 
-def measure(config, *, steps: int = 20, warmup: int = 2) -> dict:
+def measure(config, *, steps: int = 20, warmup: int = 2, seeds: int = 0) -> dict:
     """One row: the train step of `config` timed on a fixed random batch (3 channels, 10
-    classes, the config's image size)."""
+    classes, the config's image size). `seeds=K`: K nets trained at once in one program, each
+    on its own batch; images/s counts all K batches."""
     train.check_config(config)
-    backend = parallel.create_backend(config.parallelism, config.batch_size, config.num_devices)
-    size = 224 if config.model == "imagenet" else 32
+    backend = parallel.create_backend(config.parallelism, config.batch_size, config.num_devices,
+                                      seeds=seeds)
+    size = config.get("image_size") or (224 if config.model == "imagenet" else 32)
     classes = 1000 if config.model == "imagenet" else 10
-    graphdef, state, step = train.create_training(config, backend, num_classes=classes,
-                                                  in_channels=3)
+    graphdef, state, step = train.create_training(
+        config, backend, num_classes=classes, in_channels=3,
+        seeds=tuple(range(config.seed, config.seed + seeds)))
     rng = np.random.default_rng(0)
+    lead = (seeds,) if seeds else ()
     batch = jax.device_put(
-        {"image": rng.normal(size=(config.batch_size, size, size, 3)).astype(np.float32),
-         "label": rng.integers(0, classes, config.batch_size).astype(np.int32)},
+        {"image": rng.normal(size=(*lead, config.batch_size, size, size, 3)).astype(np.float32),
+         "label": rng.integers(0, classes, (*lead, config.batch_size)).astype(np.int32)},
         backend.data_sharding)
     state = backend.put_state(state)
 
@@ -73,8 +77,9 @@ def measure(config, *, steps: int = 20, warmup: int = 2) -> dict:
     peak = peak_flops(device.device_kind, config.dtype)
     return {
         "net": f"{'ResNet' if config.residual else 'plain'}-{config.depth}",
-        "batch": config.batch_size, "dtype": config.dtype, "devices": backend.num_devices,
-        "device": device.device_kind, "images_per_sec": config.batch_size / seconds,
+        "batch": config.batch_size, "seeds": max(seeds, 1), "dtype": config.dtype,
+        "devices": backend.num_devices, "device": device.device_kind,
+        "images_per_sec": max(seeds, 1) * config.batch_size / seconds,
         "ms_per_step": 1e3 * seconds, "compile_s": compile_s,
         "gflops_per_step": flops / 1e9,
         "achieved_tflops": flops / seconds / 1e12 if flops else None,
@@ -84,7 +89,7 @@ def measure(config, *, steps: int = 20, warmup: int = 2) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    cols = ["net", "batch", "dtype", "devices", "images_per_sec", "ms_per_step", "compile_s",
+    cols = ["net", "batch", "seeds", "dtype", "devices", "images_per_sec", "ms_per_step", "compile_s",
             "gflops_per_step", "achieved_tflops", "fraction_of_peak"]
     def fmt(v):
         if isinstance(v, float):

@@ -340,9 +340,10 @@ class DeviceFeed:
     """The training loop's view of an on-device dataset: the training set and its per-pixel mean
     replicated on every device, each device cutting its own share of batch `step` there, and the
     evaluation splits as uint8 batches with a padding mask. Same interface as
-    pipeline.StreamFeed."""
+    pipeline.StreamFeed. With `seeds`, batch `step` is one batch per seed, stacked: each seed's
+    order and augmentation are those of its run alone."""
 
-    def __init__(self, ds: Dataset, config, backend):
+    def __init__(self, ds: Dataset, config, backend, seeds: tuple[int, ...] = ()):
         self.num_classes, self.in_channels = ds.num_classes, ds.train.images.shape[-1]
         self.num_train = len(ds.train.labels)
         replicate = functools.partial(jax.device_put, device=backend.replicated)
@@ -350,9 +351,17 @@ class DeviceFeed:
         self.mean = replicate(mean_image(ds.train.images))
         padding = (config.crop_padding if config.crop_padding >= 0
                    else default_padding(ds.train.images.shape[1]))
-        self._key = jax.random.fold_in(jax.random.key(config.seed), 1)
-        self._cut = backend.compile_batch(functools.partial(
-            train_batch, batch_size=config.batch_size, padding=padding, flip=config.flip))
+        data_key = lambda seed: jax.random.fold_in(jax.random.key(seed), 1)  # noqa: E731
+        cut = functools.partial(train_batch, batch_size=config.batch_size, padding=padding,
+                                flip=config.flip)
+        if seeds:
+            self._key = jnp.stack([data_key(s) for s in seeds])
+            many = cut  # vmapped over the keys only (jax.vmap would map keyword arguments too)
+            cut = lambda images, labels, mean, keys, step, *, part: jax.vmap(  # noqa: E731
+                lambda key: many(images, labels, mean, key, step, part=part))(keys)
+        else:
+            self._key = data_key(config.seed)
+        self._cut = backend.compile_batch(cut)
 
         n = backend.num_devices
         batch_size = max(n, config.eval_batch_size // n * n)
@@ -360,7 +369,8 @@ class DeviceFeed:
 
         def put(split):
             stacked = eval_batches(split, batch_size)
-            return [jax.device_put({k: v[i] for k, v in stacked.items()}, backend.data_sharding)
+            return [jax.device_put({k: v[i] for k, v in stacked.items()},
+                                   backend.shared_batch_sharding)
                     for i in range(len(stacked["label"]))]
 
         self._whole = {name: put(split) for name, split in splits.items()}

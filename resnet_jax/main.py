@@ -20,7 +20,8 @@ from ml_collections import config_flags
 
 USAGE = ("usage: resnet-jax train --config=FILE[:ARGS] --workdir=DIR [--config.KEY=VALUE ...]\n"
          "       resnet-jax summary [--config=FILE[:ARGS]] [--json]\n"
-         "       resnet-jax bench --config=FILE[:ARGS] [--depths=20,56,110] [--steps=20] [--json]")
+         "       resnet-jax bench --config=FILE[:ARGS] [--depths=20,56,110] [--seeds=1,8] "
+         "[--steps=20] [--json]")
 CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
 
 class UsageError(Exception):
@@ -52,6 +53,8 @@ def _parse(argv: list[str]):
     flags.DEFINE_list("depths", [], "bench: these depths instead of the config's.",
                       flag_values=fv)
     flags.DEFINE_integer("steps", 20, "bench: timed steps per net.", flag_values=fv)
+    flags.DEFINE_list("seeds", [], "bench: also time K seeds trained at once in one program, "
+                      "for each K given (e.g. 1,8).", flag_values=fv)
     try:
         fv(argv)
         config = config_flag.value
@@ -126,6 +129,12 @@ def _bench(argv) -> int:
                          "--config=resnet_jax/configs/cifar.py:depth=20 --depths=20,56,110")
     from resnet_jax import bench, train
 
+    try:
+        seeds = [int(k) for k in fv.seeds] or [1]
+    except ValueError:
+        seeds = [0]
+    if min(seeds) < 1:
+        raise UsageError(f"--seeds={','.join(fv.seeds)}: pass positive integers, e.g. --seeds=1,8")
     rows = []
     for depth in fv.depths or [config.depth]:
         config = copy.deepcopy(config)
@@ -135,13 +144,15 @@ def _bench(argv) -> int:
             except ValueError:
                 raise UsageError(f"--depths has {depth!r}: pass integers, e.g. "
                                  "--depths=20,56,110") from None
-        try:
-            rows.append(bench.measure(config, steps=fv.steps))
-        except ValueError as e:
-            raise train.ConfigError(str(e)) from None
-        if not fv.json:
-            print(bench.markdown(rows[-1:]).splitlines()[-1] if len(rows) > 1
-                  else bench.markdown(rows), flush=True)
+        for k in seeds:
+            try:
+                # 1: the ordinary step; K > 1: K nets in one vmapped program.
+                rows.append(bench.measure(config, steps=fv.steps, seeds=k if k > 1 else 0))
+            except ValueError as e:
+                raise train.ConfigError(str(e)) from None
+            if not fv.json:
+                print(bench.markdown(rows[-1:]).splitlines()[-1] if len(rows) > 1
+                      else bench.markdown(rows), flush=True)
     if fv.json:
         print(json.dumps({"rows": rows}))
     return 0

@@ -15,9 +15,10 @@ import jax
 
 
 class MetricsWriter:
-    def __init__(self, workdir: pathlib.Path, *, total_steps: int):
+    def __init__(self, workdir: pathlib.Path, *, total_steps: int, label: str = ""):
         self.path = workdir / "metrics.jsonl"
         self.total_steps = total_steps
+        self.label = label  # prefixes progress lines: which of several runs in one program
         self.main = jax.process_index() == 0
         self._tb = None
         if self.main:
@@ -62,7 +63,7 @@ class MetricsWriter:
     def progress(self, step: int, record: dict, seconds_left: float | None) -> None:
         if not self.main:
             return
-        parts = [f"step {step}/{self.total_steps}"]
+        parts = [f"{self.label}step {step}/{self.total_steps}"]
         names = {"train/loss": "loss {:.3f}", "train/error": "train err {:.2f}%",
                  "val/error": "val err {:.2f}%", "test/error": "test err {:.2f}%",
                  "examples_per_sec": "{:.0f} img/s"}

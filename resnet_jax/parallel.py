@@ -68,6 +68,9 @@ class Backend:
     name: str
     mesh: jax.sharding.Mesh
     batch_size: int
+    # K > 0: K independent runs (seeds) of one net in one program. The state, every batch and
+    # the metrics carry a leading axis of K; the step is vmapped over it (jit backend only).
+    seeds: int = 0
 
     @property
     def num_devices(self) -> int:
@@ -80,6 +83,12 @@ class Backend:
 
     @property
     def data_sharding(self) -> NamedSharding:
+        """A batch split over the devices (behind the seed axis, if there is one)."""
+        return NamedSharding(self.mesh, P(None, DATA_AXIS) if self.seeds else P(DATA_AXIS))
+
+    @property
+    def shared_batch_sharding(self) -> NamedSharding:
+        """A batch every seed sees (evaluation data), split over the devices."""
         return NamedSharding(self.mesh, P(DATA_AXIS))
 
     @property
@@ -119,7 +128,7 @@ class Backend:
 
         def run(*args):
             return jax.shard_map(per_device, mesh=self.mesh, in_specs=P(),
-                                 out_specs=P(DATA_AXIS))(*args)
+                                 out_specs=self.data_sharding.spec)(*args)
 
         return jax.jit(run)
 
@@ -152,13 +161,17 @@ class Backend:
                 return state, jax.tree.map(lambda x: x[0], metrics)
 
             return step
+        if self.seeds:
+            train_step = jax.vmap(train_step)
         return jax.jit(train_step, in_shardings=(self.replicated, self.data_sharding),
                        out_shardings=(self.replicated, self.replicated), donate_argnums=0)
 
 
-def create_backend(name: str, batch_size: int, num_devices: int = 0) -> Backend:
+def create_backend(name: str, batch_size: int, num_devices: int = 0, seeds: int = 0) -> Backend:
     if name not in BACKENDS:
         raise ValueError(f"unknown parallelism {name!r}: use one of {', '.join(BACKENDS)}")
+    if name == "pmap" and seeds:
+        raise ValueError("several seeds in one program run under parallelism=jit: use jit")
     if name == "pmap" and jax.process_count() > 1:
         raise ValueError(f"parallelism=pmap runs in one process here, but this job has "
                          f"{jax.process_count()}: use parallelism=jit across processes")
@@ -168,7 +181,7 @@ def create_backend(name: str, batch_size: int, num_devices: int = 0) -> Backend:
             f"global batch_size={batch_size} does not split over {mesh.size} devices: "
             f"use a multiple of {mesh.size} or set --config.num_devices"
         )
-    return Backend(name, mesh, batch_size)
+    return Backend(name, mesh, batch_size, seeds)
 
 
 def pmean_if(tree, axis_name: str | None):

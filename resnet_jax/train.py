@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import pathlib
 import time
@@ -194,28 +193,42 @@ def make_eval_step(graphdef):
     return eval_step
 
 
-def create_training(config, backend: parallel.Backend, *, num_classes: int, in_channels: int):
+def create_training(config, backend: parallel.Backend, *, num_classes: int, in_channels: int,
+                    seeds: tuple[int, ...] = ()):
     """(graphdef, state, train_step): the model's state replicated on the backend's devices and
-    the train step compiled for it (state in `backend.put_state` layout)."""
-    model = create_model(config, num_classes=num_classes, in_channels=in_channels,
-                         bn=backend.batch_norm(config.bn_group_size, config.bn_momentum))
+    the train step compiled for it (state in `backend.put_state` layout).
+
+    With `seeds` (and a backend made for len(seeds) of them), the state holds one independently
+    initialised net per seed, stacked on a leading axis, and the step trains them all at once.
+    """
+    bn = backend.batch_norm(config.bn_group_size, config.bn_momentum)
+    make = functools.partial(create_model, config, num_classes=num_classes,
+                             in_channels=in_channels, bn=bn)
     schedule = create_lr_schedule(config)
     tx = create_optimizer(config, schedule)
-    graphdef, state = create_train_state(model, tx)
-    stages = model.stage_of_block if config.log_diagnostics else None
+    if len(seeds) != backend.seeds:
+        raise ValueError(f"{len(seeds)} seeds on a backend made for {backend.seeds}")
+    nets = [make(rngs=nnx.Rngs(s)) for s in seeds] or [make()]
+    (graphdef, state), *others = [create_train_state(net, tx) for net in nets]
+    if seeds:  # one graph, the states stacked
+        state = jax.tree.map(lambda *x: jnp.stack(x), state, *(s for _, s in others))
+    stages = nets[0].stage_of_block if config.log_diagnostics else None
     step = backend.compile_step(make_train_step(graphdef, tx, schedule, backend.axis_name,
                                                 stages))
     return graphdef, jax.device_put(state, backend.replicated), step
 
 
-def create_feed(config, backend: parallel.Backend):
+def create_feed(config, backend: parallel.Backend, seeds: tuple[int, ...] = ()):
     """The training data as the loop sees it: on the devices (CIFAR-sized sets, data.py) or
-    streamed from the hosts, each process reading its share (ImageNet, pipeline.py)."""
+    streamed from the hosts, each process reading its share (ImageNet, pipeline.py). With
+    `seeds`, one batch per seed (its own order and augmentation), stacked."""
     if pipeline.is_streamed(config.dataset):
+        if seeds:
+            raise ConfigError(f"{config.dataset} is streamed: train its seeds as separate runs")
         return pipeline.StreamFeed(config, backend)
     ds = data.load(config.dataset, validation_size=config.validation_size,
                    tfds_data_dir=config.tfds_data_dir or None)
-    return data.DeviceFeed(ds, config, backend)
+    return data.DeviceFeed(ds, config, backend, seeds)
 
 
 def load_trained(workdir: str | pathlib.Path):
@@ -264,7 +277,7 @@ def _check_workdir(workdir: pathlib.Path, config) -> None:
 
 
 def _check_finite(fetched_metrics: list[dict], step: int) -> None:
-    if not all(math.isfinite(m["loss"]) for m in fetched_metrics):
+    if not all(np.all(np.isfinite(m["loss"])) for m in fetched_metrics):
         raise FloatingPointError(
             f"loss is not finite by step {step}; training stopped and the last good checkpoint "
             "is kept: lower learning_rate or set warmup_steps")
@@ -283,52 +296,106 @@ def _write_json(path: pathlib.Path, obj) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the summary."""
-    workdir = pathlib.Path(workdir)
-    check_config(config)
-    _check_workdir(workdir, config)
-    summary_path = workdir / "summary.json"
-    if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
-        if summary["step"] >= config.total_steps:
-            print(f"run in {workdir} already finished at step {summary['step']} "
-                  f"(test error {summary['test/error']:.2f}%)", flush=True)
-            return summary
+    return train_runs([config], [workdir])[0]
 
+
+def _check_seed_group(configs) -> None:
+    first = json.loads(configs[0].to_json())
+    for c in configs[1:]:
+        other = json.loads(c.to_json())
+        changed = sorted(k for k in first.keys() | other.keys()
+                         if k != "seed" and first.get(k) != other.get(k))
+        if changed:
+            raise ConfigError(f"runs trained in one program may differ only in seed, not in "
+                              f"{', '.join(changed)}: train them separately")
+    seeds = [c.seed for c in configs]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"runs trained in one program need distinct seeds, got {seeds}")
+
+
+def train_runs(configs: list, workdirs: list) -> list[dict]:
+    """Trains runs that differ only in their seed, each in its own workdir, resuming each from
+    its latest checkpoint; returns their summaries in order.
+
+    Several runs are trained at once in one compiled program (the step vmapped over a leading
+    seed axis): each run's workdir ends up as that run alone would leave it, up to rounding
+    (tests/test_train.py). Finished runs are skipped; the others must resume from one step.
+    """
+    workdirs = [pathlib.Path(w) for w in workdirs]
+    for c in configs:
+        check_config(c)
+    _check_seed_group(configs)
+    summaries = [None] * len(configs)
+    for k, (c, w) in enumerate(zip(configs, workdirs)):
+        _check_workdir(w, c)
+        if (w / "summary.json").exists():
+            summary = json.loads((w / "summary.json").read_text())
+            if summary["step"] >= c.total_steps:
+                print(f"run in {w} already finished at step {summary['step']} "
+                      f"(test error {summary['test/error']:.2f}%)", flush=True)
+                summaries[k] = summary
+    todo = [k for k, s in enumerate(summaries) if s is None]
+    if todo:
+        trained = _train([configs[k] for k in todo], [workdirs[k] for k in todo])
+        for k, summary in zip(todo, trained):
+            summaries[k] = summary
+    return summaries
+
+
+def _train(configs: list, workdirs: list[pathlib.Path]) -> list[dict]:
+    config, runs = configs[0], range(len(configs))
+    seeds = tuple(c.seed for c in configs) if len(configs) > 1 else ()
+    # Run k's part of a tree with a leading seed axis (the whole tree when there is none).
+    part = (lambda tree, k: jax.tree.map(lambda x: x[k], tree)) if seeds else (lambda t, k: t)
     try:
         backend = parallel.create_backend(config.parallelism, config.batch_size,
-                                          config.num_devices)
+                                          config.num_devices, seeds=len(seeds))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     # Data before anything is written: a bad dataset must fail first.
-    feed = create_feed(config, backend)
+    feed = create_feed(config, backend, seeds)
     if feed.num_train < config.batch_size:
         raise ConfigError(f"dataset {config.dataset} has {feed.num_train} training "
                           f"images, fewer than batch_size={config.batch_size}: lower batch_size")
-    workdir.mkdir(parents=True, exist_ok=True)
-    _write_json(workdir / "config.json", json.loads(config.to_json()))
+    for c, w in zip(configs, workdirs):
+        w.mkdir(parents=True, exist_ok=True)
+        _write_json(w / "config.json", json.loads(c.to_json()))
 
     graphdef, state, train_step = create_training(config, backend, num_classes=feed.num_classes,
-                                                  in_channels=feed.in_channels)
-    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
-    restored = checkpointer.restore_latest(state)
-    if restored is not None:
-        state = restored
-        print(f"resuming from step {int(state.step)} in {workdir}", flush=True)
-    start = int(state.step)
-    writer = MetricsWriter(workdir, total_steps=config.total_steps)
-    writer.truncate(start)
-    eval_step = jax.jit(make_eval_step(graphdef))
+                                                  in_channels=feed.in_channels, seeds=seeds)
+    checkpointers = [Checkpointer(w / "checkpoints", keep=config.keep_checkpoints)
+                     for w in workdirs]
+    restored = [ckpt.restore_latest(part(state, k)) for k, ckpt in enumerate(checkpointers)]
+    steps = {None if r is None else int(r.step) for r in restored}
+    if len(steps) > 1:
+        raise ConfigError(
+            f"runs trained in one program must resume from one step, but their checkpoints are "
+            f"at {', '.join(str(r and int(r.step)) for r in restored)}: train them separately")
+    if restored[0] is not None:
+        state = jax.tree.map(lambda *x: jnp.stack(x), *restored) if seeds else restored[0]
+        for w in workdirs:
+            print(f"resuming from step {int(restored[0].step)} in {w}", flush=True)
+    start = steps.pop() or 0
+    writers = [MetricsWriter(w, total_steps=config.total_steps,
+                             label=f"seed {c.seed}: " if seeds else "")
+               for c, w in zip(configs, workdirs)]
+    for writer in writers:
+        writer.truncate(start)
+    eval_step = make_eval_step(graphdef)
+    eval_step = jax.jit(jax.vmap(eval_step, in_axes=(0, None, None)) if seeds else eval_step)
 
-    def evaluate(global_state, whole: bool):
-        out = {}
+    def evaluate(global_state, whole: bool) -> list[dict]:
+        out = [{} for _ in runs]
         for name in feed.eval_names:
             sums = [eval_step(global_state, b, feed.mean) for b in feed.eval_batches(name, whole)]
-            loss, wrong, count = jax.device_get(sum(sums))
-            out[f"{name}/error"], out[f"{name}/loss"] = 100.0 * wrong / count, loss / count
+            total = jax.device_get(sum(sums))
+            for k in runs:
+                loss, wrong, count = part(total, k)
+                out[k] |= {f"{name}/error": 100.0 * wrong / count, f"{name}/loss": loss / count}
         return out
 
     state = backend.put_state(state)
-    pending, record, t_start, step_start = [], {}, None, start
+    pending, records, t_start, step_start = [], [{} for _ in runs], None, start
     watch = PreemptionWatch()
     try:
         for step in range(start, config.total_steps):
@@ -349,37 +416,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if done % config.log_every_steps == 0 or evaluate_now:
                 fetched, pending = jax.device_get(pending), []
                 _check_finite(fetched, done)
-                # Loss and error average the window; the rest (lr, diagnostics): its last step.
-                record = {**fetched[-1], "train/loss": np.mean([m["loss"] for m in fetched]),
-                          "train/error": np.mean([m["error"] for m in fetched])}
-                del record["loss"], record["error"]
-                seconds_left = None
+                seconds_left, rate = None, None
                 if done > step_start:
                     rate = (done - step_start) / (time.perf_counter() - t_start)
-                    record["examples_per_sec"] = rate * config.batch_size
                     seconds_left = (config.total_steps - done) / rate
-                if evaluate_now:
-                    record |= evaluate(backend.get_state(state), whole=last)
-                writer.write(done, record)
-                writer.progress(done, record, seconds_left)
+                evaluated = evaluate(backend.get_state(state), whole=last) if evaluate_now else None
+                for k in runs:
+                    own = [part(m, k) for m in fetched]
+                    # Loss and error average the window; the rest (lr, diagnostics): its last step.
+                    record = {**own[-1], "train/loss": np.mean([m["loss"] for m in own]),
+                              "train/error": np.mean([m["error"] for m in own])}
+                    del record["loss"], record["error"]
+                    if rate is not None:
+                        record["examples_per_sec"] = rate * config.batch_size
+                    if evaluated:
+                        record |= evaluated[k]
+                    writers[k].write(done, record)
+                    writers[k].progress(done, record, seconds_left)
+                    records[k] = record
             if save or preempted:
                 _check_finite(jax.device_get(pending), done)  # never checkpoint a NaN
-                checkpointer.save(done, backend.get_state(state))
+                global_state = backend.get_state(state)
+                for k, ckpt in enumerate(checkpointers):
+                    ckpt.save(done, part(global_state, k))
             if preempted:
-                raise Preempted(done, workdir)
+                raise Preempted(done, workdirs[0])
     finally:
         feed.close()
         watch.close()
-        checkpointer.close()
-        writer.close()
+        for closable in (*checkpointers, *writers):
+            closable.close()
 
-    # A run restored at its last step (killed before writing its summary) trained nothing now.
-    final = record or writer.last_record()
+    return [_finish(c, w, records[k] or writers[k].last_record())
+            for k, (c, w) in enumerate(zip(configs, workdirs))]
+
+
+def _finish(config, workdir: pathlib.Path, final: dict) -> dict:
+    """Writes and returns the summary of a run whose last record is `final` (a run restored at
+    its last step, killed before writing its summary, trained nothing now: its last record)."""
     summary = {"step": config.total_steps, "train/error": float(final["train/error"]),
                "train/loss": float(final["train/loss"]), "test/error": float(final["test/error"])}
     if "val/error" in final:
         summary["val/error"] = float(final["val/error"])
     summary["converged"] = summary["train/error"] <= config.max_converged_train_error
+    summary_path = workdir / "summary.json"
     _write_json(summary_path, summary)
     print(f"finished: train error {summary['train/error']:.2f}%, "
           f"test error {summary['test/error']:.2f}%"

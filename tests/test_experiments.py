@@ -174,3 +174,38 @@ def test_sigterm_to_a_sweep_stops_its_runs_at_a_checkpoint(tmp_path):
     assert "preempted (SIGTERM) at step" in log
     assert any(p.name.isdigit() for p in (tmp_path / "depth=8,dataset=digits" /
                                           "checkpoints").iterdir())
+
+
+def test_seed_groups_hold_seeds_of_one_net_up_to_the_program_size(tmp_path):
+    from experiments.sweep import seed_groups
+
+    runs = [Run(f"depth=8,dataset=digits,seed={s}") for s in (0, 1, 2)]
+    runs.insert(1, Run("depth=8,residual=false,dataset=digits,seed=0"))
+    configs = {r.name: r.build() for r in runs}
+    names = lambda groups: [[r.name.split(",")[-1] for r in g] for g in groups]  # noqa: E731
+    assert names(seed_groups(runs, configs, tmp_path, 2)) == [
+        ["seed=0", "seed=1"], ["seed=2"], ["seed=0"]]  # the plain net differs in more than seed
+    assert names(seed_groups(runs, configs, tmp_path, 1)) == [
+        ["seed=0"], ["seed=1"], ["seed=2"], ["seed=0"]]
+    # A run with a checkpoint resumes alone: runs in one program start from one step.
+    (tmp_path / runs[2].name / "checkpoints" / "4").mkdir(parents=True)
+    assert names(seed_groups(runs, configs, tmp_path, 3)) == [
+        ["seed=0", "seed=2"], ["seed=0"], ["seed=1"]]
+
+
+def test_sweep_trains_seeds_of_one_net_in_one_program(tmp_path, monkeypatch):
+    from resnet_jax import train
+
+    tiny = {"total_steps": 2, "batch_size": 16, "log_every_steps": 1, "eval_every_steps": 2,
+            "checkpoint_every_steps": 2}
+    runs = [Run(f"depth=8,dataset=digits,seed={s}", tiny) for s in (0, 1)]
+    groups, real = [], train.train_runs
+    monkeypatch.setattr(train, "train_runs",
+                        lambda configs, workdirs: groups.append([c.seed for c in configs])
+                        or real(configs, workdirs))
+    run_sweep(runs, tmp_path, seeds_per_program=2)
+    assert groups == [[0, 1]]
+    for run in runs:
+        assert json.loads((tmp_path / run.name / "summary.json").read_text())["step"] == 2
+    with pytest.raises(ValueError, match="more than 1 only with one process"):
+        run_sweep(runs, tmp_path, processes=2, seeds_per_program=2)

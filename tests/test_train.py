@@ -116,3 +116,38 @@ def test_depth_diagnostics_are_in_the_metrics(residual):
     # The stages are part of the whole gradient; the stem and head make up the rest.
     assert 0 < np.sqrt(sum(s * s for s in stages)) < float(metrics["grad_norm"])
     assert all(float(metrics[k]) > 0 for k in keys if "/" in k)
+
+
+def test_seeds_in_one_program_train_what_each_seed_trains_alone(tmp_path):
+    """Two seeds vmapped in one program (train_runs) leave each workdir as the seed's own run
+    does: its data order and augmentation, metrics, evaluations, checkpoint and summary."""
+    def config(seed):
+        c = cifar.get_config(f"depth=8,dataset=digits,seed={seed}")
+        c.update(batch_size=32, total_steps=4, log_every_steps=2, eval_every_steps=2,
+                 checkpoint_every_steps=4, eval_subset=100)
+        return c
+
+    together = train.train_runs([config(0), config(1)], [tmp_path / "s0", tmp_path / "s1"])
+    alone = train.train_and_evaluate(config(1), str(tmp_path / "alone1"))
+    assert together[1] == pytest.approx(alone, rel=1e-5)
+    assert together[0]["train/loss"] != pytest.approx(alone["train/loss"], rel=1e-3)
+    read = lambda name: [json.loads(line) for line in  # noqa: E731
+                         (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(read("s1"), read("alone1"), strict=True):
+        for key in a.keys() - {"examples_per_sec"}:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    from resnet_jax import checkpoint
+    for x, y in zip(jax.tree.leaves(checkpoint.read(tmp_path / "s1" / "checkpoints", 4)),
+                    jax.tree.leaves(checkpoint.read(tmp_path / "alone1" / "checkpoints", 4)),
+                    strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_seeds_in_one_program_must_differ_only_in_seed(tmp_path):
+    a, b = cifar.get_config("depth=8,seed=0"), cifar.get_config("depth=8,seed=1")
+    b.learning_rate = 0.2
+    with pytest.raises(train.ConfigError, match="may differ only in seed, not in learning_rate"):
+        train.train_runs([a, b], [tmp_path / "a", tmp_path / "b"])
+    with pytest.raises(train.ConfigError, match="distinct seeds"):
+        train.train_runs([a, a], [tmp_path / "a", tmp_path / "b"])
+    assert not list(tmp_path.iterdir())
