@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import operator
+import functools
 from typing import Any
 
 import jax
@@ -283,6 +283,8 @@ def run_blocks_scanned(blocks: list[nnx.Module], x: jax.Array, *, train: bool) -
     (gradients flow back through the stack to each block's own parameters), the updated batch
     statistics are written back into each block afterwards, and the values each block sowed are
     sown again on that block in block order, so `forward` returns what the unrolled loop gives.
+    Differentiable in reverse mode (jax.grad, jax.vjp), not forward mode: the stack has a
+    custom VJP.
     """
     with _captures_detached(blocks):
         splits = [nnx.split(b, nnx.Param, nnx.BatchStat, ...) for b in blocks]
@@ -329,8 +331,9 @@ def _identical(a, b) -> bool:
 
 def _scan_run(blocks, splits, x, *, train):
     graphdef, _, _, rest = splits[0]
-    stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)  # noqa: E731
-    params, stats = stack([s[1] for s in splits]), stack([s[2] for s in splits])
+    params = jax.tree.unflatten(jax.tree.structure(splits[0][1]),
+                                _stack(tuple(tuple(jax.tree.leaves(s[1])) for s in splits)))
+    stats = jax.tree.map(lambda *a: jnp.stack(a), *(s[2] for s in splits))
 
     def body(x, block_state):
         block = nnx.merge(graphdef, *block_state, rest, copy=True)
@@ -338,15 +341,52 @@ def _scan_run(blocks, splits, x, *, train):
         return y, (nnx.state(block, nnx.BatchStat), sown)
 
     x, (stats, sown) = jax.lax.scan(body, x, (params, stats))
-    for k, block in enumerate(blocks):
-        nnx.update(block, jax.tree.map(operator.itemgetter(k), stats))
+    for k, block in zip(_block_indices(len(blocks), x), blocks):
+        take = functools.partial(jax.lax.dynamic_index_in_dim, index=k, keepdims=False)
+        nnx.update(block, jax.tree.map(take, stats))
         for path, var in nnx.to_flat_state(sown):
             module = block
             for key in path[:-1]:
                 module = module[key] if isinstance(key, int) else getattr(module, key)
             for value in var.get_value():  # the tuple `Module.sow` accumulates, in call order
-                module.sow(type(var), path[-1], value[k])
+                module.sow(type(var), path[-1], take(value))
     return x
+
+
+def _block_indices(n: int, anything: jax.Array) -> tuple[jax.Array, ...]:
+    """0, 1, ..., n-1 as int32 scalars whose values XLA cannot see.
+
+    Taking block k out of a stacked array with a constant k makes XLA compile one kernel per k
+    (the constant is fused into the slice, and into the optimiser's update of that block's leaf,
+    and so on): about 30 ms of compile time each on a CPU, and with a few per block more than the
+    scan saves. With these indices every block's slice shares one kernel. Each is k times `one`
+    in a loop that runs `one` times, and one = argmax([False, True, b]) is 1 whatever b is: the
+    values are exactly 0..n-1; only the compile time depends on XLA not folding them.
+    """
+    b = jnp.ravel(jax.lax.stop_gradient(anything))[0] > 0
+    one = jnp.argmax(jnp.stack([jnp.bool_(False), jnp.bool_(True), b])).astype(jnp.int32)
+    step = lambda _, carry: (carry[0], tuple(k * carry[0] for k in carry[1]))  # noqa: E731
+    return jax.lax.fori_loop(0, one, step, (one, tuple(jnp.int32(k) for k in range(n))))[1]
+
+
+@jax.custom_vjp
+def _stack(per_block: tuple[tuple[jax.Array, ...], ...]) -> list[jax.Array]:
+    """Leaf-wise jnp.stack of the blocks' leaves; the gradient is unstacked with `_block_indices`
+    (JAX's own transpose of a stack slices with constant indices)."""
+    return [jnp.stack(leaves) for leaves in zip(*per_block)]
+
+
+def _stack_fwd(per_block):
+    return _stack(per_block), None
+
+
+def _stack_bwd(_, grads):
+    ks = _block_indices(grads[0].shape[0], grads[0])
+    return (tuple(tuple(jax.lax.dynamic_index_in_dim(g, k, keepdims=False) for g in grads)
+                  for k in ks),)
+
+
+_stack.defvjp(_stack_fwd, _stack_bwd)
 
 
 def check_architecture(family: str, depth: int, width: int = 1,
