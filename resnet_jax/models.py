@@ -98,12 +98,76 @@ class BatchNorm(nnx.Module):
         return y.astype(x.dtype)
 
 
-def conv(cin: int, cout: int, k: int, stride: int, dtype, rngs: nnx.Rngs) -> nnx.Conv:
+def conv(cin: int, cout: int, k: int, stride: int, dtype, rngs: nnx.Rngs, *,
+         canonical_grads: bool = False) -> nnx.Conv:
+    """`canonical_grads`: compute gradients with `conv_with_canonical_grads` (for scanned
+    blocks; same values)."""
     # Symmetric padding k//2, as in the paper's Torch/Caffe code (XLA's 'SAME' pads unevenly).
     return nnx.Conv(
         cin, cout, (k, k), strides=stride, padding=[(k // 2, k // 2)] * 2, use_bias=False,
         kernel_init=he_normal, dtype=dtype, rngs=rngs,
+        conv_general_dilated=conv_with_canonical_grads if canonical_grads
+        else jax.lax.conv_general_dilated,
     )
+
+
+NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
+
+
+def conv_with_canonical_grads(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                              rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                              precision=None, **kwargs):
+    """`jax.lax.conv_general_dilated` whose gradients are NHWC x HWIO convolutions too.
+
+    JAX differentiates a convolution into convolutions with other dimension orders (OIHW-like
+    kernels, batch as features). XLA CPU rewrites those into the NHWC x HWIO form its fast
+    (Eigen) convolution needs only in a program's top level, not inside loops: in a scanned
+    block they ran through a generic loop nest, a train step 10x slower (ResNet-20, 2-core CPU).
+    Here the backward pass states them in that form itself, with explicit transposes: the same
+    arithmetic as XLA's rewrite, the same values (bit for bit in tests/test_models.py). Anything
+    but a plain 2-D NHWC x HWIO convolution goes to `jax.lax.conv_general_dilated` unchanged.
+    """
+    plain = (lhs.ndim == 4 and feature_group_count == 1 and precision is None
+             and not isinstance(padding, str)
+             and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+             and all(v is None for v in kwargs.values())
+             and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+             == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC_HWIO))
+    if plain:
+        return _nhwc_conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)))
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
+                                        rhs_dilation, dimension_numbers, feature_group_count,
+                                        precision=precision, **kwargs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _nhwc_conv(x, w, strides, padding):
+    return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC_HWIO)
+
+
+def _nhwc_conv_fwd(x, w, strides, padding):
+    return _nhwc_conv(x, w, strides, padding), (x, w)
+
+
+def _nhwc_conv_bwd(strides, padding, residuals, dy):
+    x, w = residuals
+    dx_padding, dw_padding = [], []
+    for d, (k, s, (lo, _)) in enumerate(zip(w.shape[:2], strides, padding)):
+        size, out = x.shape[1 + d], dy.shape[1 + d]
+        dx_padding.append((k - 1 - lo, size - 1 + lo - (out - 1) * s))
+        dw_padding.append((lo, k + (out - 1) * s - size - lo))
+    # dx: dy (dilated by the stride) against the kernel flipped in space, in and out swapped.
+    w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
+    dx = jax.lax.conv_general_dilated(dy, w_t, (1, 1), dx_padding, lhs_dilation=strides,
+                                      dimension_numbers=NHWC_HWIO)
+    # dw: input channels as the batch, examples as the features, dy as the (dilated) kernel.
+    dw = jax.lax.conv_general_dilated(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), (1, 1),
+                                      dw_padding, rhs_dilation=strides,
+                                      dimension_numbers=NHWC_HWIO)
+    return dx, dw.transpose(1, 2, 0, 3)
+
+
+_nhwc_conv.defvjp(_nhwc_conv_fwd, _nhwc_conv_bwd)
 
 
 def sow_response(module: nnx.Module, y: jax.Array) -> None:
@@ -149,12 +213,13 @@ class Shortcut(nnx.Module):
     C: a projection on every block. Pre-activation blocks project without BN (He et al. 2016).
     """
 
-    def __init__(self, cin, cout, stride, option, *, preact, bn, dtype, rngs):
+    def __init__(self, cin, cout, stride, option, *, preact, bn, dtype, rngs,
+                 canonical_grads=False):
         self.cin, self.cout, self.stride = cin, cout, stride
         changes = stride != 1 or cin != cout
         self.project = option == "C" or (option == "B" and changes)
         if self.project:
-            self.conv = conv(cin, cout, 1, stride, dtype, rngs)
+            self.conv = conv(cin, cout, 1, stride, dtype, rngs, canonical_grads=canonical_grads)
             self.bn = None if preact else BatchNorm(cout, bn)
 
     def __call__(self, x, *, train):
@@ -177,7 +242,7 @@ class Block(nnx.Module):
     """
 
     def __init__(self, cin, cout, stride, *, bottleneck, residual, shortcut, preact, bn, dtype,
-                 rngs):
+                 rngs, canonical_grads=False):
         self.preact = preact
         if bottleneck:
             mid = cout // 4
@@ -185,12 +250,14 @@ class Block(nnx.Module):
         else:
             specs = [(cin, cout, 3, stride), (cout, cout, 3, 1)]
         self.kernel_sizes = tuple(k for _, _, k, _ in specs)
-        self.convs = nnx.List([conv(i, o, k, s, dtype, rngs) for i, o, k, s in specs])
+        self.convs = nnx.List([conv(i, o, k, s, dtype, rngs, canonical_grads=canonical_grads)
+                               for i, o, k, s in specs])
         # Post-activation normalises each conv's output; pre-activation each conv's input.
         bn_features = [i for i, *_ in specs] if preact else [o for _, o, *_ in specs]
         self.bns = nnx.List([BatchNorm(f, bn) for f in bn_features])
         self.shortcut = (
-            Shortcut(cin, cout, stride, shortcut, preact=preact, bn=bn, dtype=dtype, rngs=rngs)
+            Shortcut(cin, cout, stride, shortcut, preact=preact, bn=bn, dtype=dtype, rngs=rngs,
+                     canonical_grads=canonical_grads)
             if residual else None
         )
 
@@ -234,10 +301,11 @@ class ResNet(nnx.Module):
             raise ValueError(f"unknown shortcut {shortcut!r}: use one of {', '.join(SHORTCUTS)}")
         self.stem_kind, self.preact, self.dtype = stem, preact, dtype
         # Call-time only: the blocks stay separate modules (checkpoints and gradients per block).
+        # The convolutions then differentiate into the form XLA CPU runs fast inside a loop.
         self.scan_blocks = scan_blocks
         stem_width = stage_widths[0]
         k, s = (3, 1) if stem == "cifar" else (7, 2)
-        self.stem = conv(in_channels, stem_width, k, s, dtype, rngs)
+        self.stem = conv(in_channels, stem_width, k, s, dtype, rngs, canonical_grads=scan_blocks)
         # Post-activation nets normalise the stem; pre-activation nets normalise before the head.
         self.stem_bn = None if preact else BatchNorm(stem_width, bn)
         blocks, cin = [], stem_width
@@ -248,7 +316,7 @@ class ResNet(nnx.Module):
                 stride = 2 if i > 0 and j == 0 else 1
                 blocks.append(Block(cin, cout, stride, bottleneck=bottleneck, residual=residual,
                                     shortcut=shortcut, preact=preact, bn=bn, dtype=dtype,
-                                    rngs=rngs))
+                                    rngs=rngs, canonical_grads=scan_blocks))
                 cin = cout
         self.blocks = nnx.List(blocks)
         self.head_bn = BatchNorm(cin, bn) if preact else None
