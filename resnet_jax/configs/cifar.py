@@ -35,8 +35,8 @@ def get_config(arg=None):
     # 0: batch-norm statistics over the whole global batch. The paper ran 2 GPUs x 64 images,
     # i.e. bn_group_size=64; the value never changes with the device count.
     c.bn_group_size = 0
-    # Identical blocks under one lax.scan: the same numbers and a compile time flat in depth, but
-    # on XLA CPU a train step 10x slower (ResNet-20, benchmarks/RESULTS.md): off by default.
+    # Identical blocks under one lax.scan: the same numbers, a compile time flat in depth. Off
+    # by default until its step speed is measured beside the unrolled one (benchmarks/RESULTS.md).
     c.scan_blocks = False
 
     # Data.
