@@ -103,14 +103,14 @@ class BatchNorm(nnx.Module):
 
 def conv(cin: int, cout: int, k: int, stride: int, dtype, rngs: nnx.Rngs, *,
          canonical_grads: bool = False) -> nnx.Conv:
-    """`canonical_grads`: compute gradients with `conv_with_canonical_grads` (for scanned
-    blocks; same values)."""
+    """`canonical_grads`: gradients through `conv_with_canonical_grads` on every platform (for
+    scanned blocks); otherwise on CPU only, where they are faster (benchmarks/RESULTS.md)."""
     # Symmetric padding k//2, as in the paper's Torch/Caffe code (XLA's 'SAME' pads unevenly).
     return nnx.Conv(
         cin, cout, (k, k), strides=stride, padding=[(k // 2, k // 2)] * 2, use_bias=False,
         kernel_init=he_normal, dtype=dtype, rngs=rngs,
         conv_general_dilated=conv_with_canonical_grads if canonical_grads
-        else jax.lax.conv_general_dilated,
+        else conv_with_canonical_grads_on_cpu,
     )
 
 
@@ -119,7 +119,7 @@ NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
 
 def conv_with_canonical_grads(lhs, rhs, window_strides, padding, lhs_dilation=None,
                               rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                              precision=None, **kwargs):
+                              precision=None, *, everywhere: bool = True, **kwargs):
     """`jax.lax.conv_general_dilated` whose gradients are NHWC x HWIO convolutions too.
 
     JAX differentiates a convolution into convolutions with other dimension orders (OIHW-like
@@ -128,7 +128,8 @@ def conv_with_canonical_grads(lhs, rhs, window_strides, padding, lhs_dilation=No
     block they ran through a generic loop nest, a train step 10x slower (ResNet-20, 2-core CPU).
     Here the backward pass states them in that form itself, with explicit transposes: the same
     arithmetic as XLA's rewrite, the same values (bit for bit in tests/test_models.py). Anything
-    but a plain 2-D NHWC x HWIO convolution goes to `jax.lax.conv_general_dilated` unchanged.
+    but a plain 2-D NHWC x HWIO convolution goes to `jax.lax.conv_general_dilated` unchanged,
+    as does everything off CPU unless `everywhere` (scanned blocks).
     """
     plain = (lhs.ndim == 4 and feature_group_count == 1 and precision is None
              and not isinstance(padding, str)
@@ -136,23 +137,29 @@ def conv_with_canonical_grads(lhs, rhs, window_strides, padding, lhs_dilation=No
              and all(v is None for v in kwargs.values())
              and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
              == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC_HWIO))
-    if plain:
-        return _nhwc_conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)))
+    on_cpu = jax.default_backend() == "cpu"
+    if plain and (everywhere or on_cpu):
+        return _nhwc_conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)), on_cpu)
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                         rhs_dilation, dimension_numbers, feature_group_count,
                                         precision=precision, **kwargs)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _nhwc_conv(x, w, strides, padding):
+def conv_with_canonical_grads_on_cpu(*args, **kwargs):
+    """`conv_with_canonical_grads` on CPU, `jax.lax.conv_general_dilated` elsewhere."""
+    return conv_with_canonical_grads(*args, everywhere=False, **kwargs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _nhwc_conv(x, w, strides, padding, materialize):
     return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC_HWIO)
 
 
-def _nhwc_conv_fwd(x, w, strides, padding):
-    return _nhwc_conv(x, w, strides, padding), (x, w)
+def _nhwc_conv_fwd(x, w, strides, padding, materialize):
+    return _nhwc_conv(x, w, strides, padding, materialize), (x, w)
 
 
-def _nhwc_conv_bwd(strides, padding, residuals, dy):
+def _nhwc_conv_bwd(strides, padding, materialize, residuals, dy):
     x, w = residuals
     dx_padding, dw_padding = [], []
     for d, (k, s, (lo, _)) in enumerate(zip(w.shape[:2], strides, padding)):
@@ -164,8 +171,20 @@ def _nhwc_conv_bwd(strides, padding, residuals, dy):
     dx = jax.lax.conv_general_dilated(dy, w_t, (1, 1), dx_padding, lhs_dilation=strides,
                                       dimension_numbers=NHWC_HWIO)
     # dw: input channels as the batch, examples as the features, dy as the (dilated) kernel.
-    dw = jax.lax.conv_general_dilated(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), (1, 1),
-                                      dw_padding, rhs_dilation=strides,
+    def transposed(x, dy):
+        return x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3)
+
+    if materialize:
+        # XLA CPU fuses the elementwise ops that produce x and dy (batch norm, ReLU, and the
+        # residual stream back to the start of the stage) into these transposes and runs the
+        # result as a strided loop: up to 60 ms for one 8 MB transpose (ResNet-20, batch 128),
+        # against 1.6 ms for the transpose alone. A conditional is a fusion boundary XLA keeps
+        # (optimization barriers are removed before fusion), so the transposes read arrays that
+        # already exist. Both branches are the same, so the predicate cannot change the result.
+        x_t, dy_t = jax.lax.cond(dy[0, 0, 0, 0] == dy[0, 0, 0, 0], transposed, transposed, x, dy)
+    else:
+        x_t, dy_t = transposed(x, dy)
+    dw = jax.lax.conv_general_dilated(x_t, dy_t, (1, 1), dw_padding, rhs_dilation=strides,
                                       dimension_numbers=NHWC_HWIO)
     return dx, dw.transpose(1, 2, 0, 3)
 

@@ -17,6 +17,7 @@ logs (tests/test_distributed.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -29,6 +30,26 @@ from resnet_jax.models import BatchNormConfig
 DATA_AXIS = "data"  # mesh axis of the jit backend
 PMAP_AXIS = "batch"  # mapped axis of the pmap backend
 BACKENDS = ("jit", "pmap")
+
+# XLA CPU (JAX 0.10) hands convolutions to its YNNPACK library by default. There the weight
+# gradients of these nets' convolutions run at about 4 GFLOP/s against 50 in XLA's own (Eigen)
+# convolution, so a ResNet-20 train step took twice as long (benchmarks/RESULTS.md). This list
+# leaves out convolutions and keeps the library's dots and reductions, which do pay.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+@functools.cache
+def compiler_options(platform: str) -> dict | None:
+    """XLA options for the compiled steps on `platform`; None where its defaults are best, or
+    where this XLA does not know the options."""
+    if platform != "cpu":
+        return None
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS).lower(1.0).compile()
+    except jax.errors.JaxRuntimeError:
+        return None
+    return CPU_COMPILER_OPTIONS
 
 
 def initialize_distributed(env=os.environ) -> None:
@@ -90,6 +111,11 @@ class Backend:
     def shared_batch_sharding(self) -> NamedSharding:
         """A batch every seed sees (evaluation data), split over the devices."""
         return NamedSharding(self.mesh, P(DATA_AXIS))
+
+    @property
+    def compiler_options(self) -> dict | None:
+        """XLA options for every program compiled for these devices (see `compiler_options`)."""
+        return compiler_options(self.mesh.devices.flat[0].platform)
 
     @property
     def replicated(self) -> NamedSharding:
@@ -164,7 +190,8 @@ class Backend:
         if self.seeds:
             train_step = jax.vmap(train_step)
         return jax.jit(train_step, in_shardings=(self.replicated, self.data_sharding),
-                       out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+                       out_shardings=(self.replicated, self.replicated), donate_argnums=0,
+                       compiler_options=self.compiler_options)
 
 
 def create_backend(name: str, batch_size: int, num_devices: int = 0, seeds: int = 0) -> Backend:

@@ -382,7 +382,8 @@ def _train(configs: list, workdirs: list[pathlib.Path]) -> list[dict]:
     for writer in writers:
         writer.truncate(start)
     eval_step = make_eval_step(graphdef)
-    eval_step = jax.jit(jax.vmap(eval_step, in_axes=(0, None, None)) if seeds else eval_step)
+    eval_step = jax.jit(jax.vmap(eval_step, in_axes=(0, None, None)) if seeds else eval_step,
+                        compiler_options=backend.compiler_options)
 
     def evaluate(global_state, whole: bool) -> list[dict]:
         out = [{} for _ in runs]

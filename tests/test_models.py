@@ -84,11 +84,11 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     out, _ = models.forward(model, jnp.ones((2, 32, 32, 3)), train=True)
     assert out.dtype == jnp.float32
     graphdef, state = nnx.split(model)
-    jaxpr = jax.make_jaxpr(
-        lambda s, x: models.forward(nnx.merge(graphdef, s), x, train=False)[0])(
-        state, jnp.ones((1, 32, 32, 3)))
-    convs = [e for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
-    assert convs and all(e.outvars[0].aval.dtype == jnp.bfloat16 for e in convs)
+    hlo = jax.jit(lambda s, x: models.forward(nnx.merge(graphdef, s), x, train=False)[0]).lower(
+        state, jnp.ones((1, 32, 32, 3))).as_text()
+    # Each convolution's result type ends its line, e.g. `-> tensor<1x32x32x16xbf16>`.
+    convs = [line for line in hlo.splitlines() if "stablehlo.convolution" in line]
+    assert len(convs) == 7 and all(line.rstrip().endswith("xbf16>") for line in convs), convs
 
 
 def test_grouped_batch_norm_uses_per_group_statistics():

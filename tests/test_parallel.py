@@ -106,3 +106,18 @@ def test_training_run_matches_single_device_run(tmp_path, backend, single_device
     losses = run_losses(tmp_path, backend, 8)
     assert len(losses) == 3
     np.testing.assert_allclose(losses, single_device_losses, rtol=1e-4)
+
+
+def test_cpu_steps_leave_convolutions_to_xla(batch):
+    """On CPU the compiled step keeps its convolutions out of XLA's YNNPACK fusions, where the
+    weight gradients ran about 12x slower (parallel.CPU_COMPILER_OPTIONS); other platforms get
+    XLA's defaults."""
+    assert parallel.compiler_options("gpu") is None
+    backend = parallel.create_backend("jit", BATCH, 1)
+    assert backend.compiler_options == parallel.CPU_COMPILER_OPTIONS
+    _, state, step = train.create_training(config(), backend, num_classes=10, in_channels=3)
+    hlo = step.lower(state, batch).compile().as_text()
+    fusions = [line for line in hlo.splitlines() if line.lstrip().startswith("%ynn_fusion")]
+    assert fusions, "the options keep YNNPACK's reductions, so some fusions must be there"
+    assert not [f for f in fusions if "conv_general_dilated" in f]
+    assert "convolution(" in hlo
