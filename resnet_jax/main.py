@@ -146,7 +146,7 @@ def _bench(argv) -> int:
                                  "--depths=20,56,110") from None
         for k in seeds:
             try:
-                # 1: the ordinary step; K > 1: K nets in one vmapped program.
+                # 1: the ordinary step; K > 1: K nets in one program (Backend.map_seeds).
                 rows.append(bench.measure(config, steps=fv.steps, seeds=k if k > 1 else 0))
             except ValueError as e:
                 raise train.ConfigError(str(e)) from None

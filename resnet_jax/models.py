@@ -11,9 +11,9 @@ Models hold no mesh, device or process logic. Batch norm is told from outside (`
 which examples share statistics: the training side sets the axis name or the group size.
 Call a model as `model(images, train=True|False)`, or `forward(model, images, train=...)` for
 the logits and the depth diagnostics (Fig. 7 responses, branch ratios); NHWC images, float32
-logits. `scan_blocks=True` runs each stretch of identical blocks under one `jax.lax.scan` (same
-parameters, same numbers): ResNet-110 compiles in half the time, but the per-block parameters
-still cost compile time linear in depth (ResNet-1202: 8 minutes; benchmarks/RESULTS.md).
+logits. `scan_blocks=True` holds each stretch of identical blocks as one `BlockRun`, its
+parameters stacked and its blocks run under one `jax.lax.scan` (same numbers, compile time flat
+in depth; benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -210,15 +210,18 @@ def sow_branch_ratio(module: nnx.Module, branch: jax.Array, shortcut: jax.Array)
     module.sow(nnx.Intermediate, "branch_ratio", norm(branch) / (norm(shortcut) + 1e-12))
 
 
-def sown_diagnostics(sown: nnx.State) -> dict[str, list[jax.Array]]:
-    """The sown values of one forward pass, in layer order: `response_std` per 3x3 layer and
-    `branch_ratio` per residual block."""
+def sown_diagnostics(sown: nnx.State) -> dict[str, jax.Array]:
+    """The sown values of one forward pass as vectors in layer order: `response_std` per 3x3
+    layer and `branch_ratio` per residual block (a BlockRun sows one value per block)."""
     blocks = sown.get("blocks", {})
     order = sorted(blocks, key=int)
-    out = {"response_std": list(sown["response_std"]) if "response_std" in sown else []}
-    out["response_std"] += [v for i in order for v in blocks[i].get("response_std", ())]
-    out["branch_ratio"] = [v for i in order for v in blocks[i].get("branch_ratio", ())]
-    return out
+
+    def vector(name, *first):
+        values = [*first, *(v for i in order for v in blocks[i].get(name, ()))]
+        return jnp.concatenate([jnp.ravel(v) for v in values]) if values else jnp.zeros((0,))
+
+    return {"response_std": vector("response_std", *sown.get("response_std", ())),
+            "branch_ratio": vector("branch_ratio")}
 
 
 def forward(model: nnx.Module, x: jax.Array, *, train: bool):
@@ -327,25 +330,29 @@ class ResNet(nnx.Module):
         if shortcut not in SHORTCUTS:
             raise ValueError(f"unknown shortcut {shortcut!r}: use one of {', '.join(SHORTCUTS)}")
         self.stem_kind, self.preact, self.dtype = stem, preact, dtype
-        # Call-time only: the blocks stay separate modules (checkpoints and gradients per block).
-        # The convolutions then differentiate into the form XLA CPU runs fast inside a loop.
-        self.scan_blocks = scan_blocks
+        # The convolutions of scanned blocks differentiate into the form XLA CPU runs fast
+        # inside a loop (`conv_with_canonical_grads`).
         stem_width = stage_widths[0]
         k, s = (3, 1) if stem == "cifar" else (7, 2)
         self.stem = conv(in_channels, stem_width, k, s, dtype, rngs, canonical_grads=scan_blocks)
         # Post-activation nets normalise the stem; pre-activation nets normalise before the head.
         self.stem_bn = None if preact else BatchNorm(stem_width, bn)
-        blocks, cin = [], stem_width
-        self.stage_of_block = tuple(i for i, n in enumerate(stage_sizes) for _ in range(n))
+        entries, stages, cin = [], [], stem_width
         for i, (n, width) in enumerate(zip(stage_sizes, stage_widths)):
             cout = width * 4 if bottleneck else width
+            blocks = []
             for j in range(n):
                 stride = 2 if i > 0 and j == 0 else 1
                 blocks.append(Block(cin, cout, stride, bottleneck=bottleneck, residual=residual,
                                     shortcut=shortcut, preact=preact, bn=bn, dtype=dtype,
                                     rngs=rngs, canonical_grads=scan_blocks))
                 cin = cout
-        self.blocks = nnx.List(blocks)
+            blocks = group_runs(blocks) if scan_blocks else blocks
+            entries += blocks
+            stages += [i] * len(blocks)
+        # One entry per block, or with scan_blocks per block or run of identical blocks (BlockRun).
+        self.blocks = nnx.List(entries)
+        self.stage_of_block = tuple(stages)  # the stage of each entry of `blocks`
         self.head_bn = BatchNorm(cin, bn) if preact else None
         self.head = nnx.Linear(cin, num_classes, dtype=dtype, rngs=rngs)
 
@@ -358,51 +365,70 @@ class ResNet(nnx.Module):
             x = nnx.relu(x)
         if self.stem_kind == "imagenet":
             x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        if self.scan_blocks:
-            x = run_blocks_scanned(list(self.blocks), x, train=train)
-        else:
-            for block in self.blocks:
-                x = block(x, train=train)
+        for block in self.blocks:
+            x = block(x, train=train)
         if self.head_bn is not None:
             x = nnx.relu(self.head_bn(x, train=train))
         x = jnp.mean(x, axis=(1, 2))
         return self.head(x).astype(jnp.float32)
 
 
-def run_blocks_scanned(blocks: list[nnx.Module], x: jax.Array, *, train: bool) -> jax.Array:
-    """Calls `blocks` in order, each run of two or more consecutive identical blocks (same
-    graph, same parameter shapes; in the paper's nets every block of a stage after the first)
-    as one `jax.lax.scan`, so that XLA compiles one block per run instead of every block.
+class BlockRun(nnx.Module):
+    """Consecutive identical blocks (same graph, same parameter shapes: in the paper's nets every
+    block of a stage after the first) held as one `Block` whose variables carry a leading axis,
+    one row per block, and called as one `jax.lax.scan` over the rows (`scan_blocks=True`).
 
-    The blocks stay separate modules: their parameters and statistics are stacked for the scan
-    (gradients flow back through the stack to each block's own parameters), the updated batch
-    statistics are written back into each block afterwards, and the values each block sowed are
-    sown again on that block in block order, so `forward` returns what the unrolled loop gives.
-    Differentiable in reverse mode (jax.grad, jax.vjp), not forward mode: the stack has a
-    custom VJP.
+    XLA then compiles one block per run and the train state holds one leaf per variable per run,
+    so neither compile time nor the optimizer's program grows with depth. The rows are the
+    blocks' own initial values, so a scanned net starts from the numbers of its unrolled twin
+    and computes what it computes (tests/test_models.py); only the state's layout differs
+    (`blocks/i/block/...` with a leading axis instead of one `blocks/i/...` per block).
+    Diagnostics come back in block order, one value per block and layer.
     """
-    with _captures_detached(blocks):
-        splits = [nnx.split(b, nnx.Param, nnx.BatchStat, ...) for b in blocks]
-    i = 0
+
+    def __init__(self, blocks: list[Block]):
+        self.length = len(blocks)
+        graphdef, _ = nnx.split(blocks[0])
+        stacked = jax.tree.map(lambda *v: jnp.stack(v), *(nnx.state(b) for b in blocks))
+        self.block = nnx.merge(graphdef, stacked)
+
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        with _captures_detached(self.block):
+            graphdef, params, stats, rest = nnx.split(self.block, nnx.Param, nnx.BatchStat, ...)
+
+        def body(x, rows):
+            block = nnx.merge(graphdef, *rows, rest, copy=True)
+            y, sown = nnx.capture(block, nnx.Intermediate)(x, train=train)
+            return y, (nnx.state(block, nnx.BatchStat), sown)
+
+        x, (stats, sown) = jax.lax.scan(body, x, (params, stats))
+        nnx.update(self.block, stats)
+        for path, var in nnx.to_flat_state(sown):
+            # `Module.sow` accumulates a tuple in call order, here each entry one value per row:
+            # block-major order is what the unrolled blocks would have sown one by one.
+            self.sow(nnx.Intermediate, path[-1], jnp.stack(var.get_value(), 1).reshape(-1))
+        return x
+
+
+def group_runs(blocks: list[Block]) -> list[Block | BlockRun]:
+    """`blocks` in order, each stretch of two or more identical consecutive ones as a BlockRun."""
+    out, i = [], 0
     while i < len(blocks):
         j = i + 1
-        while j < len(blocks) and _identical(splits[i], splits[j]):
+        while j < len(blocks) and _identical(blocks[i], blocks[j]):
             j += 1
-        if j - i < 2:
-            x = blocks[i](x, train=train)
-        else:
-            x = _scan_run(blocks[i:j], splits[i:j], x, train=train)
+        out.append(blocks[i] if j - i == 1 else BlockRun(blocks[i:j]))
         i = j
-    return x
+    return out
 
 
 @contextlib.contextmanager
-def _captures_detached(blocks):
-    """Takes `nnx.capture`'s per-module collectors off `blocks` for the duration, so that they
-    split into a graph the scan body can merge: an enclosing capture (as in `forward`) puts one
+def _captures_detached(module: nnx.Module):
+    """Takes `nnx.capture`'s per-module collectors off `module` for the duration, so that it
+    splits into a graph the scan body can merge: an enclosing capture (as in `forward`) puts one
     on every module, and Flax 0.12 cannot merge a graph holding both those and an nnx.List. The
-    blocks' sown values never go there in the meantime; they are sown after the scan."""
-    detached = [(m, m.__captures__) for b in blocks for _, m in nnx.iter_modules(b)
+    block's sown values never go there in the meantime; the run sows them after the scan."""
+    detached = [(m, m.__captures__) for _, m in nnx.iter_modules(module)
                 if "__captures__" in vars(m)]
     for m, _ in detached:
         delattr(m, "__captures__")
@@ -413,75 +439,12 @@ def _captures_detached(blocks):
             m.__captures__ = nnx.data(captures)
 
 
-def _identical(a, b) -> bool:
-    """Whether two blocks' splits describe the same computation on different numbers."""
-    (graph_a, *states_a), (graph_b, *states_b) = a, b
+def _identical(a: nnx.Module, b: nnx.Module) -> bool:
+    """Whether two blocks describe the same computation on different numbers."""
+    (graph_a, state_a), (graph_b, state_b) = nnx.split(a), nnx.split(b)
     shapes = lambda t: jax.tree.map(lambda v: (v.shape, v.dtype), t)  # noqa: E731
-    # Anything but parameters and statistics (such as values sown outside `nnx.capture`) is
-    # closed over by the scan body, not scanned: only blocks without any can share a scan.
-    return (not jax.tree.leaves(a[3]) and not jax.tree.leaves(b[3]) and graph_a == graph_b
-            and jax.tree.structure(states_a) == jax.tree.structure(states_b)
-            and shapes(states_a) == shapes(states_b))
-
-
-def _scan_run(blocks, splits, x, *, train):
-    graphdef, _, _, rest = splits[0]
-    params = jax.tree.unflatten(jax.tree.structure(splits[0][1]),
-                                _stack(tuple(tuple(jax.tree.leaves(s[1])) for s in splits)))
-    stats = jax.tree.map(lambda *a: jnp.stack(a), *(s[2] for s in splits))
-
-    def body(x, block_state):
-        block = nnx.merge(graphdef, *block_state, rest, copy=True)
-        y, sown = nnx.capture(block, nnx.Intermediate)(x, train=train)
-        return y, (nnx.state(block, nnx.BatchStat), sown)
-
-    x, (stats, sown) = jax.lax.scan(body, x, (params, stats))
-    for k, block in zip(_block_indices(len(blocks), x), blocks):
-        take = functools.partial(jax.lax.dynamic_index_in_dim, index=k, keepdims=False)
-        nnx.update(block, jax.tree.map(take, stats))
-        for path, var in nnx.to_flat_state(sown):
-            module = block
-            for key in path[:-1]:
-                module = module[key] if isinstance(key, int) else getattr(module, key)
-            for value in var.get_value():  # the tuple `Module.sow` accumulates, in call order
-                module.sow(type(var), path[-1], take(value))
-    return x
-
-
-def _block_indices(n: int, anything: jax.Array) -> tuple[jax.Array, ...]:
-    """0, 1, ..., n-1 as int32 scalars whose values XLA cannot see.
-
-    Taking block k out of a stacked array with a constant k makes XLA compile one kernel per k
-    (the constant is fused into the slice, and into the optimiser's update of that block's leaf,
-    and so on): about 30 ms of compile time each on a CPU, and with a few per block more than the
-    scan saves. With these indices every block's slice shares one kernel. Each is k times `one`
-    in a loop that runs `one` times, and one = argmax([False, True, b]) is 1 whatever b is: the
-    values are exactly 0..n-1; only the compile time depends on XLA not folding them.
-    """
-    b = jnp.ravel(jax.lax.stop_gradient(anything))[0] > 0
-    one = jnp.argmax(jnp.stack([jnp.bool_(False), jnp.bool_(True), b])).astype(jnp.int32)
-    step = lambda _, carry: (carry[0], tuple(k * carry[0] for k in carry[1]))  # noqa: E731
-    return jax.lax.fori_loop(0, one, step, (one, tuple(jnp.int32(k) for k in range(n))))[1]
-
-
-@jax.custom_vjp
-def _stack(per_block: tuple[tuple[jax.Array, ...], ...]) -> list[jax.Array]:
-    """Leaf-wise jnp.stack of the blocks' leaves; the gradient is unstacked with `_block_indices`
-    (JAX's own transpose of a stack slices with constant indices)."""
-    return [jnp.stack(leaves) for leaves in zip(*per_block)]
-
-
-def _stack_fwd(per_block):
-    return _stack(per_block), None
-
-
-def _stack_bwd(_, grads):
-    ks = _block_indices(grads[0].shape[0], grads[0])
-    return (tuple(tuple(jax.lax.dynamic_index_in_dim(g, k, keepdims=False) for g in grads)
-                  for k in ks),)
-
-
-_stack.defvjp(_stack_fwd, _stack_bwd)
+    return (graph_a == graph_b and jax.tree.structure(state_a) == jax.tree.structure(state_b)
+            and shapes(state_a) == shapes(state_b))
 
 
 def check_architecture(family: str, depth: int, width: int = 1,

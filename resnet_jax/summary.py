@@ -17,10 +17,10 @@ from resnet_jax import models
 
 def count_macs(fn, *args) -> int:
     """Multiply-adds of the convolutions and matrix products in `fn(*args)`."""
-    return _jaxpr_macs(jax.make_jaxpr(fn)(*args).jaxpr)
+    return jaxpr_macs(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
-def _jaxpr_macs(jaxpr) -> int:
+def jaxpr_macs(jaxpr) -> int:
     total = 0
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
@@ -30,20 +30,37 @@ def _jaxpr_macs(jaxpr) -> int:
             dn = eqn.params["dimension_numbers"]
             rhs_spec = dn.rhs_spec  # (out feature dim, in feature dim, spatial dims...)
             per_output = np.prod([kernel[d] for d in rhs_spec[1:]])
-            total += int(np.prod(out)) * int(per_output)
+            # A gradient through a strided conv dilates its input with zeros (lhs_dilation):
+            # count the products with real inputs, about 1 / prod(dilation) of the dense ones.
+            holes = np.prod(eqn.params["lhs_dilation"] or (1,))
+            total += int(np.prod(out)) * int(per_output) // int(holes)
         elif name == "dot_general":
             (lhs_contract, _), _ = eqn.params["dimension_numbers"]
             lhs = eqn.invars[0].aval.shape
             total += int(np.prod(eqn.outvars[0].aval.shape)) * int(
                 np.prod([lhs[d] for d in lhs_contract]))
-    return total + sum(_jaxpr_macs(sub) for sub in jax.extend.core.subjaxprs(jaxpr))
+        else:
+            subs = [jaxpr_macs(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params)]
+            if name == "cond":  # one branch runs
+                total += max(subs)
+            else:  # a scan's body runs `length` times, a pmapped function on each device
+                times = eqn.params["length"] if name == "scan" else eqn.params.get("axis_size", 1)
+                total += times * sum(subs)
+    return total
 
 
 def layers(model: nnx.Module) -> list[dict]:
-    """One row per conv, BN and dense layer in order: path, kind, parameter shape, parameters."""
-    rows = []
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, (nnx.Conv, nnx.Linear, models.BatchNorm)):
+    """One row per conv, BN and dense layer in order: path, kind, parameter shape, parameters.
+    A BlockRun's layers get one row per block: `blocks/1[k]/convs/0` for its block k."""
+    rows, nodes = [], list(nnx.iter_graph(model))
+    runs = [path for path, node in nodes if isinstance(node, models.BlockRun)]
+    for path, node in nodes:
+        if isinstance(node, models.BlockRun):
+            rows += [{**r, "path": f"{'/'.join(map(str, path))}[{k}]/{r['path']}",
+                      "shape": r["shape"][1:], "params": r["params"] // node.length}
+                     for k in range(node.length) for r in layers(node.block)]
+        elif isinstance(node, (nnx.Conv, nnx.Linear, models.BatchNorm)) and not any(
+                path[:len(run)] == run for run in runs):
             params = jax.tree.leaves(nnx.state(node, nnx.Param))
             shape = tuple(node.kernel.shape) if hasattr(node, "kernel") else params[0].shape
             rows.append({"path": "/".join(map(str, path)), "kind": type(node).__name__,

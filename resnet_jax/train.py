@@ -32,7 +32,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 RESUMABLE_KEYS = {"total_steps", "log_every_steps", "log_diagnostics", "eval_every_steps",
                   "eval_subset", "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size",
                   "parallelism", "num_devices", "tfds_data_dir", "max_converged_train_error",
-                  "input_threads", "input_workers", "scan_blocks"}
+                  "input_threads", "input_workers"}
 
 
 class ConfigError(ValueError):
@@ -135,9 +135,10 @@ def make_train_step(graphdef, tx, schedule, axis_name: str | None = None,
                     stage_of_block: tuple[int, ...] | None = None):
     """The pure train step on one global batch (or, under pmap, on this device's share).
 
-    With `stage_of_block` (the model's block -> stage map) the metrics carry the depth
-    diagnostics: gradient norm per stage, ||F(x)|| / ||x|| per residual block and the std of
-    every 3x3 layer's response (He et al. 2015, Fig. 7), all scalars computed in the same pass.
+    With `stage_of_block` (the model's map from entries of `blocks` to stages) the metrics
+    carry the depth diagnostics, computed in the same pass: gradient norm per stage, and the
+    vectors `branch_ratio` (||F(x)|| / ||x|| per residual block) and `response_std` (the std of
+    every 3x3 layer's response, He et al. 2015, Fig. 7).
     """
     diagnose = stage_of_block is not None
 
@@ -173,8 +174,20 @@ def _diagnostics(grads, sown, stage_of_block) -> dict[str, jax.Array]:
     for i, stage in enumerate(stage_of_block):
         per_stage[stage] = per_stage[stage] + sq(grads["blocks"][i])
     out = {f"grad_norm/stage{k + 1}": jnp.sqrt(v) for k, v in enumerate(per_stage)}
-    out |= {f"branch_ratio/block{i:03d}": v for i, v in enumerate(sown["branch_ratio"])}
-    out |= {f"response_std/layer{i:03d}": v for i, v in enumerate(sown["response_std"])}
+    # Vectors, one logged key per element (`per_layer_metrics`): slicing them here would add an
+    # op per layer to the compiled step.
+    return out | {name: v for name, v in sown.items() if v.size}
+
+
+PER_LAYER = {"response_std": "layer", "branch_ratio": "block"}
+
+
+def per_layer_metrics(metrics: dict) -> dict:
+    """The step's metrics with each per-layer vector as keys `response_std/layer000`, ...
+    (fetched values: numpy arrays)."""
+    out = {k: v for k, v in metrics.items() if k not in PER_LAYER}
+    for name, unit in PER_LAYER.items():
+        out |= {f"{name}/{unit}{i:03d}": v for i, v in enumerate(metrics.get(name, ()))}
     return out
 
 
@@ -317,9 +330,9 @@ def train_runs(configs: list, workdirs: list) -> list[dict]:
     """Trains runs that differ only in their seed, each in its own workdir, resuming each from
     its latest checkpoint; returns their summaries in order.
 
-    Several runs are trained at once in one compiled program (the step vmapped over a leading
-    seed axis): each run's workdir ends up as that run alone would leave it, up to rounding
-    (tests/test_train.py). Finished runs are skipped; the others must resume from one step.
+    Several runs are trained at once in one compiled program (the step mapped over a leading
+    seed axis, `parallel.Backend.map_seeds`): each run's workdir ends up as that run alone
+    would leave it, up to rounding (tests/test_train.py). Finished runs are skipped; the others must resume from one step.
     """
     workdirs = [pathlib.Path(w) for w in workdirs]
     for c in configs:
@@ -382,7 +395,7 @@ def _train(configs: list, workdirs: list[pathlib.Path]) -> list[dict]:
     for writer in writers:
         writer.truncate(start)
     eval_step = make_eval_step(graphdef)
-    eval_step = jax.jit(jax.vmap(eval_step, in_axes=(0, None, None)) if seeds else eval_step,
+    eval_step = jax.jit(backend.map_seeds(eval_step, (0, None, None)) if seeds else eval_step,
                         compiler_options=backend.compiler_options)
 
     def evaluate(global_state, whole: bool) -> list[dict]:
@@ -425,7 +438,7 @@ def _train(configs: list, workdirs: list[pathlib.Path]) -> list[dict]:
                 for k in runs:
                     own = [part(m, k) for m in fetched]
                     # Loss and error average the window; the rest (lr, diagnostics): its last step.
-                    record = {**own[-1], "train/loss": np.mean([m["loss"] for m in own]),
+                    record = {**per_layer_metrics(own[-1]), "train/loss": np.mean([m["loss"] for m in own]),
                               "train/error": np.mean([m["error"] for m in own])}
                     del record["loss"], record["error"]
                     if rate is not None:

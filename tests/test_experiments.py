@@ -78,6 +78,8 @@ def test_paper_preset_is_the_papers_sweep():
     assert (config.warmup_steps, config.batch_size, config.dataset) == (400, 128, "cifar10")
     assert next(r for r in runs if r.arg.startswith("depth=56")).build().warmup_steps == 0
     assert not any(r.arg.startswith("depth=1202,residual=false") for r in runs)
+    # Only ResNet-1202 runs its blocks under scan (compile time flat in depth).
+    assert [r.build().depth for r in runs if r.build().scan_blocks] == 5 * [1202]
 
 
 def test_paper_preset_trains_from_tfds(tmp_path):

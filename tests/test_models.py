@@ -162,18 +162,42 @@ def _train_and_eval(model, x, labels):
     return compiled(params, stats)
 
 
+def _in_scanned_layout(unrolled: nnx.State, scanned_model) -> dict:
+    """An unrolled net's state (or gradients) as the scanned net holds it: each run's blocks
+    stacked under `blocks/i/block`."""
+    tree = nnx.to_pure_dict(unrolled)
+    blocks, first = {}, 0
+    for i, entry in enumerate(scanned_model.blocks):
+        if isinstance(entry, models.BlockRun):
+            rows = [tree["blocks"][first + k] for k in range(entry.length)]
+            blocks[i] = {"block": jax.tree.map(lambda *v: jnp.stack(v), *rows)}
+            first += entry.length
+        else:
+            blocks[i], first = tree["blocks"][first], first + 1
+    return tree | {"blocks": blocks}
+
+
 @pytest.mark.parametrize("depth, kwargs", [
-    (14, dict()),  # post-activation, option A; 2 blocks per stage, the first stage scanned
+    (14, dict()),  # post-activation, option A; the first stage one run of 2 blocks
     (14, dict(preact=True, residual=False, bn=models.BatchNormConfig(group_size=2))),
-    (29, dict(bottleneck=True, preact=True, shortcut="B")),  # 3 per stage, each stage scanned
+    (29, dict(bottleneck=True, preact=True, shortcut="B")),  # 3 per stage, 2 of them a run
 ])
 def test_scanned_blocks_compute_what_the_unrolled_loop_computes(depth, kwargs):
     x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
     labels = jnp.arange(4) % 10
-    unrolled, scanned = (
-        _train_and_eval(models.cifar_resnet(depth, scan_blocks=scan, rngs=nnx.Rngs(0), **kwargs),
-                        x, labels)
-        for scan in (False, True))
+    nets = {scan: models.cifar_resnet(depth, scan_blocks=scan, rngs=nnx.Rngs(0), **kwargs)
+            for scan in (False, True)}
+    scanned_net = nets[True]
+    assert any(isinstance(b, models.BlockRun) for b in scanned_net.blocks)
+    # A scanned net starts from its unrolled twin's numbers, only stacked.
+    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(scanned_net)),
+                 _in_scanned_layout(nnx.state(nets[False]), scanned_net))
+    # The same layers and multiply-adds as `resnet-jax describe` counts them.
+    described = [summary.describe(nets[scan], (16, 16, 3)) for scan in (False, True)]
+    assert [{k: d[k] for k in ("weighted_layers", "params", "macs")} for d in described] == 2 * [
+        {k: described[0][k] for k in ("weighted_layers", "params", "macs")}]
+    assert len(described[1]["layers"]) == len(described[0]["layers"])
+    unrolled, scanned = (_train_and_eval(nets[scan], x, labels) for scan in (False, True))
     (grads_u, (logits_u, stats_u, diag_u), (eval_u, eval_diag_u)) = unrolled
     (grads_s, (logits_s, stats_s, diag_s), (eval_s, eval_diag_s)) = scanned
     # The same values, bit for bit or within an ulp or two where XLA fuses the scan's body
@@ -181,19 +205,20 @@ def test_scanned_blocks_compute_what_the_unrolled_loop_computes(depth, kwargs):
     same = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=0)
     same(logits_s, logits_u)
     same(eval_s, eval_u)
-    # The same per-block structure (checkpoints, per-block diagnostics) and statistics.
-    assert jax.tree.structure(stats_s) == jax.tree.structure(stats_u)
-    jax.tree.map(same, stats_s, stats_u)
+    # The same updated statistics, and the diagnostics per block and layer in the same order.
+    jax.tree.map(same, nnx.to_pure_dict(stats_s), _in_scanned_layout(stats_u, scanned_net))
     for got, want in ((diag_s, diag_u), (eval_diag_s, eval_diag_u)):
-        assert {k: len(v) for k, v in got.items()} == {k: len(v) for k, v in want.items()}
+        assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in want.items()}
         jax.tree.map(same, got, want)
     blocks = 3 * ((depth - 2) // (9 if kwargs.get("bottleneck") else 6))
     assert len(diag_u["branch_ratio"]) == (0 if kwargs.get("residual") is False else blocks)
     assert len(diag_u["response_std"]) == (0 if kwargs.get("preact") else depth - 1)
-    # Gradients reach every block's own parameters; the scan's backward pass sums in another
-    # order, so they agree to float32 rounding.
-    assert jax.tree.structure(grads_s) == jax.tree.structure(grads_u)
-    for g_s, g_u in zip(jax.tree.leaves(grads_s), jax.tree.leaves(grads_u)):
+    # Gradients reach every block's own row; the scan's backward pass sums in another order,
+    # so they agree to float32 rounding.
+    want = _in_scanned_layout(grads_u, scanned_net)
+    got = nnx.to_pure_dict(grads_s)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g_s, g_u in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g_s, g_u, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(g_u))))
 
 

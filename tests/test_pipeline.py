@@ -3,7 +3,6 @@ per-process shares of the grain pipeline, and ImageNet configs training on TFDS 
 simulated devices and on a prepared array_record copy with 2 local processes.
 """
 import json
-import os
 import pathlib
 import subprocess
 import sys

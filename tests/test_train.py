@@ -53,10 +53,11 @@ def test_augmentation_crops_and_flips():
     assert 0 < sum(unchanged) + sum(flipped_only) < 64
 
 
-def tiny_training(arg: str, parallelism: str):
+def tiny_training(arg: str, parallelism: str, **overrides):
     """ResNet-8 compiled for 8 devices, its state on them, and one fixed random batch of 16."""
     c = cifar.get_config(arg)
     c.batch_size = 16
+    c.update(overrides)
     backend = parallel.create_backend(parallelism, 16, 8)
     _, state, step = train.create_training(c, backend, num_classes=10, in_channels=3)
     rng = np.random.default_rng(0)
@@ -101,26 +102,33 @@ def test_short_real_cifar10_run_learns(tmp_path):
     assert summary["test/error"] * 10 == pytest.approx(round(summary["test/error"] * 10))
 
 
-@pytest.mark.parametrize("residual", [True, False])
-def test_depth_diagnostics_are_in_the_metrics(residual):
-    state, step, batch = tiny_training(f"depth=8,residual={residual}", "pmap")
+@pytest.mark.parametrize("residual, scan", [(True, False), (False, False), (True, True)])
+def test_depth_diagnostics_are_in_the_metrics(residual, scan):
+    # ResNet-14 scanned: each stage a first block and a run of one more.
+    state, step, batch = tiny_training(f"depth={14 if scan else 8},residual={residual}", "pmap",
+                                       scan_blocks=scan)
     _, metrics = step(state, batch)
+    metrics = train.per_layer_metrics(jax.device_get(metrics))
     keys = set(metrics)
+    blocks = 6 if scan else 3
     assert {"grad_norm/stage1", "grad_norm/stage2", "grad_norm/stage3"} <= keys
-    # ResNet-8: the stem and 2 convs in each of 3 blocks are 3x3 layers.
+    # The stem and 2 convs in each block are 3x3 layers.
     assert {k for k in keys if k.startswith("response_std/")} == {
-        f"response_std/layer{i:03d}" for i in range(7)}
+        f"response_std/layer{i:03d}" for i in range(1 + 2 * blocks)}
     ratios = {k for k in keys if k.startswith("branch_ratio/")}
-    assert ratios == ({f"branch_ratio/block{i:03d}" for i in range(3)} if residual else set())
+    assert ratios == ({f"branch_ratio/block{i:03d}" for i in range(blocks)} if residual
+                      else set())
     stages = [float(metrics[f"grad_norm/stage{k}"]) for k in (1, 2, 3)]
     # The stages are part of the whole gradient; the stem and head make up the rest.
     assert 0 < np.sqrt(sum(s * s for s in stages)) < float(metrics["grad_norm"])
     assert all(float(metrics[k]) > 0 for k in keys if "/" in k)
 
 
-def test_seeds_in_one_program_train_what_each_seed_trains_alone(tmp_path):
-    """Two seeds vmapped in one program (train_runs) leave each workdir as the seed's own run
-    does: its data order and augmentation, metrics, evaluations, checkpoint and summary."""
+@pytest.mark.parametrize("seed_map", ["loop", "vmap"])  # CPU's default; GPU's and TPU's
+def test_seeds_in_one_program_train_what_each_seed_trains_alone(tmp_path, monkeypatch, seed_map):
+    """Two seeds in one program (train_runs) leave each workdir as the seed's own run does: its
+    data order and augmentation, metrics, evaluations, checkpoint and summary."""
+    monkeypatch.setattr(parallel, "SEED_MAPS", {"cpu": seed_map})
     def config(seed):
         c = cifar.get_config(f"depth=8,dataset=digits,seed={seed}")
         c.update(batch_size=32, total_steps=4, log_every_steps=2, eval_every_steps=2,

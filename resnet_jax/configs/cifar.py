@@ -35,9 +35,10 @@ def get_config(arg=None):
     # 0: batch-norm statistics over the whole global batch. The paper ran 2 GPUs x 64 images,
     # i.e. bn_group_size=64; the value never changes with the device count.
     c.bn_group_size = 0
-    # Identical blocks under one lax.scan: the same numbers, ResNet-110 compiled in 14 s instead
-    # of 27, but its CPU step 16 % slower and ResNet-1202 still 8 minutes to compile
-    # (benchmarks/RESULTS.md), so off by default.
+    # Identical blocks as one BlockRun under lax.scan: the same numbers, compile time flat in
+    # depth (4 s for ResNet-20, 110 or 1202 on 2 CPU cores; unrolled ResNet-110: 14 s), but the
+    # CPU step about 5 % slower (benchmarks/RESULTS.md), so off by default. It changes the
+    # checkpoint layout (each run's parameters stacked), so a run cannot resume across it.
     c.scan_blocks = False
 
     # Data.
