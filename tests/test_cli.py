@@ -15,7 +15,9 @@ import subprocess
 import sys
 
 import pytest
+from flax import nnx
 
+from resnet_jax import models, summary
 from resnet_jax.main import main
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -314,8 +316,12 @@ def test_bench_reports_throughput_compile_time_and_flops(capsys):
     for r in rows:
         assert r["images_per_sec"] > 0 and r["compile_s"] > 0 and r["devices"] == 8
         assert r["images_per_sec"] == pytest.approx(16e3 / r["ms_per_step"])
-    # XLA's count grows with depth: ResNet-14 has 6 more 3x3 layers of the same kind.
-    assert rows[1]["gflops_per_step"] > 1.5 * rows[0]["gflops_per_step"] > 0
+    # Model FLOPs: the forward pass, the input gradients and the weight gradients, each as
+    # many multiply-adds as the forward pass (strided layers' input gradients counted without
+    # the zeros), at 2 FLOPs each.
+    for r, depth in zip(rows, (8, 14)):
+        macs = summary.describe(models.cifar_resnet(depth, rngs=nnx.Rngs(0)), (32, 32, 3))["macs"]
+        assert r["gflops_per_step"] * 1e9 == pytest.approx(3 * 2 * 16 * macs, rel=1e-9)
 
 
 @pytest.mark.parametrize("args, words", [
