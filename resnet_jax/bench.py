@@ -32,13 +32,14 @@ def peak_flops(device_kind: str, dtype: str) -> float | None:
                  if kind in device_kind and dt == dtype), None)
 
 
-def measure(config, *, steps: int = 20, warmup: int = 2, seeds: int = 0) -> dict:
-    """One row: the train step of `config` timed on a fixed random batch (3 channels, 10
-    classes, the config's image size). `seeds=K`: K nets trained at once in one program, each
-    on its own batch; images/s counts all K batches."""
+def prepare(config, *, seeds: int = 0, xla_options: dict | None = None):
+    """(backend, state, step, batch): the train step of `config`, not yet compiled, its state
+    on the devices and a fixed random batch (3 channels, 10 classes, the config's image size).
+    `seeds=K`: K nets at once, each with its own batch. `xla_options`: XLA options instead of
+    `parallel.compiler_options`'s."""
     train.check_config(config)
     backend = parallel.create_backend(config.parallelism, config.batch_size, config.num_devices,
-                                      seeds=seeds)
+                                      seeds=seeds, xla_options=xla_options)
     size = config.get("image_size") or (224 if config.model == "imagenet" else 32)
     classes = 1000 if config.model == "imagenet" else 10
     graphdef, state, step = train.create_training(
@@ -50,7 +51,13 @@ def measure(config, *, steps: int = 20, warmup: int = 2, seeds: int = 0) -> dict
         {"image": rng.normal(size=(*lead, config.batch_size, size, size, 3)).astype(np.float32),
          "label": rng.integers(0, classes, (*lead, config.batch_size)).astype(np.int32)},
         backend.data_sharding)
-    state = backend.put_state(state)
+    return backend, backend.put_state(state), step, batch
+
+
+def measure(config, *, steps: int = 20, warmup: int = 2, seeds: int = 0) -> dict:
+    """One row: the train step of `config` (see `prepare`) timed over `steps` steps after
+    `warmup`. images/s counts all seeds' batches."""
+    backend, state, step, batch = prepare(config, seeds=seeds)
 
     flops = None  # pmap: not counted here
     start = time.perf_counter()

@@ -97,6 +97,8 @@ class Backend:
     # K > 0: K independent runs (seeds) of one net in one program. The state, every batch and
     # the metrics carry a leading axis of K; the step maps over it (`map_seeds`; jit only).
     seeds: int = 0
+    # XLA options for every program compiled here; None: `compiler_options(platform)`.
+    xla_options: dict | None = None
 
     @property
     def num_devices(self) -> int:
@@ -120,6 +122,8 @@ class Backend:
     @property
     def compiler_options(self) -> dict | None:
         """XLA options for every program compiled for these devices (see `compiler_options`)."""
+        if self.xla_options is not None:
+            return self.xla_options or None
         return compiler_options(self.mesh.devices.flat[0].platform)
 
     @property
@@ -222,7 +226,8 @@ class Backend:
                        compiler_options=self.compiler_options)
 
 
-def create_backend(name: str, batch_size: int, num_devices: int = 0, seeds: int = 0) -> Backend:
+def create_backend(name: str, batch_size: int, num_devices: int = 0, seeds: int = 0,
+                   xla_options: dict | None = None) -> Backend:
     if name not in BACKENDS:
         raise ValueError(f"unknown parallelism {name!r}: use one of {', '.join(BACKENDS)}")
     if name == "pmap" and seeds:
@@ -236,7 +241,7 @@ def create_backend(name: str, batch_size: int, num_devices: int = 0, seeds: int 
             f"global batch_size={batch_size} does not split over {mesh.size} devices: "
             f"use a multiple of {mesh.size} or set --config.num_devices"
         )
-    return Backend(name, mesh, batch_size, seeds)
+    return Backend(name, mesh, batch_size, seeds, xla_options)
 
 
 def pmean_if(tree, axis_name: str | None):

@@ -332,6 +332,34 @@ def test_bench_bad_input_is_one_line(capsys, args, words):
     assert_usage_error(rc, out, err, *(words or ["bench needs --config"]))
 
 
+def test_xla_options_ab_times_every_variant(capsys):
+    from benchmarks import xla_options
+
+    rc = xla_options.main(["--depth=8", "--batch=16", "--steps=1", "--rounds=2",
+                           "--variant=same={}"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in out.splitlines()
+            if line.startswith("| ") and not line.startswith("| variant")}
+    assert set(rows) == {"default", "xla", "same"}
+    assert float(rows["default"][2]) == 1.0
+    assert all(len(r[3].split(", ")) == 2 for r in rows.values())  # one rate per round
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--variant=onednn"], ["NAME=JSON"]), (["--variant=a=[1]"], ["NAME=JSON"]),
+    (["--depth=9"], ["6n+2"]),
+    (["--variant=bad={\"xla_no_such_option\": 1}"], ["variant bad does not compile"])])
+def test_xla_options_bad_input_is_one_line(capsys, argv, words):
+    from benchmarks import xla_options
+
+    rc = xla_options.main(["--batch=16", "--steps=1", "--rounds=1", *argv])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and "Traceback" not in err
+    assert len(err.splitlines()) == 1 and err.startswith("xla_options: error: ")
+    assert all(w in err for w in words), err
+
+
 def test_pytorch_reference_is_the_same_network():
     """Same parameter count as ours (He et al.'s 0.27M for ResNet-20), when torch is installed."""
     torch_reference = pytest.importorskip("benchmarks.torch_reference")

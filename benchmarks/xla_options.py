@@ -1,0 +1,99 @@
+"""Interleaved A/B of XLA compiler options on resnet_jax's train step, on this machine:
+
+    python -m benchmarks.xla_options --depth=20 --batch=128 --rounds=3 \
+        --variant='onednn={"xla_cpu_use_onednn": true}' [--variant=NAME=JSON ...]
+
+Variants: `default` (the project's choice, `parallel.compiler_options`), `xla` (XLA's own
+defaults) and each `--variant NAME=JSON`, whose options are added to the project's choice. All
+are compiled first; then every round times `--steps` steps of each variant in turn, so that the
+machine's drift hits them alike. Prints the median images/s per variant and its ratio to
+`default` (1 device, float32, no depth diagnostics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+EXAMPLE = "--variant='onednn={\"xla_cpu_use_onednn\": true}'"
+
+
+def parse_variant(text: str) -> tuple[str, dict] | None:
+    name, sep, options = text.partition("=")
+    try:
+        parsed = json.loads(options) if sep and name else None
+    except json.JSONDecodeError:
+        parsed = None
+    return (name, parsed) if isinstance(parsed, dict) else None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--depth", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON")
+    args = parser.parse_args(argv)
+
+    def fail(message: str) -> int:
+        print(f"xla_options: error: {message}", file=sys.stderr)
+        return 2
+
+    import jax
+
+    from resnet_jax import bench, parallel
+    from resnet_jax.configs import cifar
+
+    base = parallel.compiler_options(jax.devices()[0].platform) or {}
+    variants = {"default": dict(base), "xla": {}}
+    for text in args.variant:
+        parsed = parse_variant(text)
+        if parsed is None:
+            return fail(f"--variant={text!r} is not NAME=JSON object: pass e.g. {EXAMPLE}")
+        variants[parsed[0]] = {**base, **parsed[1]}
+
+    config = cifar.get_config()
+    config.depth, config.batch_size, config.num_devices = args.depth, args.batch, 1
+    config.log_diagnostics = False
+    runs = {}
+    for name, options in variants.items():
+        try:
+            _, state, step, batch = bench.prepare(config, xla_options=options)
+            step = step.lower(state, batch).compile()
+        except jax.errors.JaxRuntimeError as e:
+            return fail(f"variant {name} does not compile ({str(e).splitlines()[0]}): "
+                        "fix or drop its options")
+        except ValueError as e:  # a config this project refuses, e.g. depth not 6n+2
+            return fail(str(e))
+        runs[name] = [step, state, batch]
+
+    rates = {name: [] for name in runs}
+    for _ in range(args.rounds):
+        for name, run in runs.items():
+            step, state, batch = run
+            state, metrics = step(state, batch)  # untimed: the previous variant's caches
+            jax.block_until_ready(metrics)
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                state, metrics = step(state, batch)
+            jax.block_until_ready(metrics)
+            rates[name].append(args.steps * args.batch / (time.perf_counter() - start))
+            run[1] = state
+
+    reference = statistics.median(rates["default"])
+    print(f"ResNet-{args.depth}, batch {args.batch}, {jax.devices()[0].device_kind}, "
+          f"JAX {jax.__version__}, {args.rounds} rounds of {args.steps} steps")
+    print("| variant | median images/s | x default | per round |\n|---|---:|---:|---|")
+    for name, values in rates.items():
+        median = statistics.median(values)
+        print(f"| {name} | {median:.1f} | {median / reference:.2f} | "
+              f"{', '.join(f'{v:.0f}' for v in values)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
