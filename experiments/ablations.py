@@ -86,7 +86,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dataset", help="override the preset's dataset")
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--seeds-per-program", type=int, default=1,
-                        help="train up to this many seeds of one net in one program (vmap)")
+                        help="train up to this many seeds of one net in one program "
+                             "(vmapped on GPU/TPU, a loop on CPU)")
     parser.add_argument("--plot-only", action="store_true", help="rewrite the table, train nothing")
     args = parser.parse_args(argv)
     root = pathlib.Path(args.root)

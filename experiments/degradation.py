@@ -227,7 +227,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dataset", help="override the preset's dataset, e.g. folder:/data/c10")
     parser.add_argument("--processes", type=int, default=1, help="runs trained at once")
     parser.add_argument("--seeds-per-program", type=int, default=1,
-                        help="train up to this many seeds of one net in one program (vmap)")
+                        help="train up to this many seeds of one net in one program "
+                             "(vmapped on GPU/TPU, a loop on CPU)")
     parser.add_argument("--plot-only", action="store_true", help="redraw from ROOT, train nothing")
     parser.add_argument("--title", help="figure and table title (default: preset and dataset)")
     parser.add_argument("--list", action="store_true", help="print the sweep's runs, one a line")
