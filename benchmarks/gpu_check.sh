@@ -18,7 +18,8 @@
 #   pip download --python-version 3.12 --only-binary=:all: -d wheels \
 #     ml-collections grain tensorboardX tensorflow-datasets
 set -euo pipefail
-out=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
+[[ $# -eq 1 ]] || { echo "gpu_check: error: pass one OUT_DIR: bash benchmarks/gpu_check.sh OUT_DIR" >&2; exit 2; }
+out=$1
 mkdir -p "$out"
 py=${PYTHON:-python3}
 if [[ -n "${WHEELS:-}" ]]; then

@@ -16,7 +16,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 
 EXAMPLE = "--variant='onednn={\"xla_cpu_use_onednn\": true}'"
 
@@ -56,9 +55,8 @@ def main(argv=None) -> int:
             return fail(f"--variant={text!r} is not NAME=JSON object: pass e.g. {EXAMPLE}")
         variants[parsed[0]] = {**base, **parsed[1]}
 
-    config = cifar.get_config()
-    config.depth, config.batch_size, config.num_devices = args.depth, args.batch, 1
-    config.log_diagnostics = False
+    config = cifar.get_config(f"depth={args.depth}")
+    config.batch_size, config.num_devices, config.log_diagnostics = args.batch, 1, False
     runs = {}
     for name, options in variants.items():
         try:
@@ -75,14 +73,9 @@ def main(argv=None) -> int:
     for _ in range(args.rounds):
         for name, run in runs.items():
             step, state, batch = run
-            state, metrics = step(state, batch)  # untimed: the previous variant's caches
-            jax.block_until_ready(metrics)
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                state, metrics = step(state, batch)
-            jax.block_until_ready(metrics)
-            rates[name].append(args.steps * args.batch / (time.perf_counter() - start))
-            run[1] = state
+            state, _ = bench.time_steps(step, state, batch, 1)  # untimed: clears the caches
+            run[1], seconds = bench.time_steps(step, state, batch, args.steps)
+            rates[name].append(args.batch / seconds)
 
     reference = statistics.median(rates["default"])
     print(f"ResNet-{args.depth}, batch {args.batch}, {jax.devices()[0].device_kind}, "

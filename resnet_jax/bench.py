@@ -54,6 +54,15 @@ def prepare(config, *, seeds: int = 0, xla_options: dict | None = None):
     return backend, backend.put_state(state), step, batch
 
 
+def time_steps(step, state, batch, steps: int):
+    """(state, seconds per step) over `steps` calls of a warm `step`, waited for."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = step(state, batch)
+    jax.block_until_ready((state, metrics))
+    return state, (time.perf_counter() - start) / steps
+
+
 def measure(config, *, steps: int = 20, warmup: int = 2, seeds: int = 0) -> dict:
     """One row: the train step of `config` (see `prepare`) timed over `steps` steps after
     `warmup`. images/s counts all seeds' batches."""
@@ -77,11 +86,7 @@ def measure(config, *, steps: int = 20, warmup: int = 2, seeds: int = 0) -> dict
         state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
 
-    start = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = step(state, batch)
-    jax.block_until_ready((state, metrics))
-    seconds = (time.perf_counter() - start) / steps
+    state, seconds = time_steps(step, state, batch, steps)
 
     device = jax.devices()[0]
     peak = peak_flops(device.device_kind, config.dtype)

@@ -412,10 +412,10 @@ class BlockRun(nnx.Module):
 
 def group_runs(blocks: list[Block]) -> list[Block | BlockRun]:
     """`blocks` in order, each stretch of two or more identical consecutive ones as a BlockRun."""
-    out, i = [], 0
+    signatures, out, i = [_signature(b) for b in blocks], [], 0
     while i < len(blocks):
         j = i + 1
-        while j < len(blocks) and _identical(blocks[i], blocks[j]):
+        while j < len(blocks) and signatures[j] == signatures[i]:
             j += 1
         out.append(blocks[i] if j - i == 1 else BlockRun(blocks[i:j]))
         i = j
@@ -439,12 +439,12 @@ def _captures_detached(module: nnx.Module):
             m.__captures__ = nnx.data(captures)
 
 
-def _identical(a: nnx.Module, b: nnx.Module) -> bool:
-    """Whether two blocks describe the same computation on different numbers."""
-    (graph_a, state_a), (graph_b, state_b) = nnx.split(a), nnx.split(b)
-    shapes = lambda t: jax.tree.map(lambda v: (v.shape, v.dtype), t)  # noqa: E731
-    return (graph_a == graph_b and jax.tree.structure(state_a) == jax.tree.structure(state_b)
-            and shapes(state_a) == shapes(state_b))
+def _signature(block: nnx.Module):
+    """Equal for two blocks that describe the same computation on different numbers: the
+    graph, and the structure, shapes and dtypes of the state."""
+    graph, state = nnx.split(block)
+    leaves, structure = jax.tree.flatten(state)
+    return graph, structure, tuple((v.shape, v.dtype) for v in leaves)
 
 
 def check_architecture(family: str, depth: int, width: int = 1,

@@ -39,8 +39,8 @@ CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                         "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
 # How several seeds in one program run, by platform (default 'vmap'). vmap turns each seed's
-# convolutions into one grouped convolution, which XLA CPU runs slowly: 4 seeds of ResNet-20
-# vmapped gave 0.45x one net's images/s on 2 cores, one after another in a loop 1.0x.
+# convolutions into one grouped convolution, which XLA CPU runs slowly: 8 seeds of ResNet-20
+# vmapped gave 0.36x one net's images/s on 2 cores, in a loop 1.32x (benchmarks/RESULTS.md).
 SEED_MAPS = {"cpu": "loop"}
 
 

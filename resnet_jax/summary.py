@@ -43,9 +43,10 @@ def jaxpr_macs(jaxpr) -> int:
             subs = [jaxpr_macs(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params)]
             if name == "cond":  # one branch runs
                 total += max(subs)
-            else:  # a scan's body runs `length` times, a pmapped function on each device
-                times = eqn.params["length"] if name == "scan" else eqn.params.get("axis_size", 1)
-                total += times * sum(subs)
+            else:  # a scan's body runs `length` times, a pmapped function on each device; a
+                # while loop's trip count is unknown here and counts once
+                times = {"scan": "length", "xla_pmap": "axis_size"}.get(name)
+                total += (eqn.params[times] if times else 1) * sum(subs)
     return total
 
 

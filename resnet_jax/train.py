@@ -332,7 +332,8 @@ def train_runs(configs: list, workdirs: list) -> list[dict]:
 
     Several runs are trained at once in one compiled program (the step mapped over a leading
     seed axis, `parallel.Backend.map_seeds`): each run's workdir ends up as that run alone
-    would leave it, up to rounding (tests/test_train.py). Finished runs are skipped; the others must resume from one step.
+    would leave it, up to rounding (tests/test_train.py). Finished runs are skipped; the others
+    must resume from one step.
     """
     workdirs = [pathlib.Path(w) for w in workdirs]
     for c in configs:
@@ -438,7 +439,8 @@ def _train(configs: list, workdirs: list[pathlib.Path]) -> list[dict]:
                 for k in runs:
                     own = [part(m, k) for m in fetched]
                     # Loss and error average the window; the rest (lr, diagnostics): its last step.
-                    record = {**per_layer_metrics(own[-1]), "train/loss": np.mean([m["loss"] for m in own]),
+                    record = {**per_layer_metrics(own[-1]),
+                              "train/loss": np.mean([m["loss"] for m in own]),
                               "train/error": np.mean([m["error"] for m in own])}
                     del record["loss"], record["error"]
                     if rate is not None:
