@@ -14,14 +14,18 @@
 #
 # Output: process 0 prints to this terminal; process i>0 writes to ${LOG_DIR:-.}/process-i.log.
 # If any process fails, the others are stopped and the first failure's exit status is returned.
+# --dry-run, before or after N, prints the commands instead; after COMMAND it is COMMAND's own.
 set -euo pipefail
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+# The header above, up to the first line that is not a comment.
+usage() { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 2; }
 
 DRY_RUN=0
 if [[ "${1:-}" == "--dry-run" ]]; then DRY_RUN=1; shift; fi
 [[ $# -ge 2 ]] || usage
 N=$1; shift
+if [[ "$1" == "--dry-run" ]]; then DRY_RUN=1; shift; fi
+[[ $# -ge 1 ]] || usage
 [[ "$N" =~ ^[1-9][0-9]*$ ]] || { echo "local.sh: error: N=$N is not a positive integer: pass the number of processes first" >&2; exit 2; }
 PORT=${PORT:-12355}
 LOG_DIR=${LOG_DIR:-.}
@@ -39,7 +43,7 @@ for ((i = 0; i < N; i++)); do
   env_vars=(JAX_NUM_PROCESSES="$N" JAX_PROCESS_ID="$i" JAX_COORDINATOR_ADDRESS="localhost:$PORT"
             XLA_FLAGS="${xla_flags# }")
   if ((DRY_RUN)); then
-    out=""; ((i > 0)) && out=" > $LOG_DIR/process-$i.log 2>&1"
+    out=""; ((i > 0)) && out=" > $(printf '%q' "$LOG_DIR/process-$i.log") 2>&1"
     echo "env $(printf '%q ' "${env_vars[@]}" "$@")$out &"
     continue
   fi

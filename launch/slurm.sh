@@ -15,13 +15,21 @@
 #
 # Jobs get SIGTERM 120 s before their time limit (--signal=TERM@120) and are requeued when
 # preempted: training checkpoints on SIGTERM and the requeued job resumes from it.
-# --dry-run prints the batch scripts and the sbatch commands instead of submitting them.
+# --dry-run (anywhere on the line) prints the batch scripts and the sbatch commands instead of
+# submitting them.
 set -euo pipefail
 
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+# The header above, up to the first line that is not a comment.
+usage() { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 2; }
 
+# --dry-run counts wherever it is, since a dry run must never act (resnet_jax.main and
+# experiments.degradation have no flag of that name).
 DRY_RUN=0
-if [[ "${1:-}" == "--dry-run" ]]; then DRY_RUN=1; shift; fi
+args=()
+for arg in "$@"; do
+  if [[ "$arg" == "--dry-run" ]]; then DRY_RUN=1; else args+=("$arg"); fi
+done
+set -- "${args[@]}"
 [[ $# -ge 1 && "$1" != "--help" && "$1" != "-h" ]] || usage
 cmd=$1; shift
 if [[ -z "${WORKDIR:-}" ]]; then
@@ -33,18 +41,35 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 TIME=${TIME:-24:00:00}
 PARALLEL=${PARALLEL:-16}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
+for var in WORKDIR TIME PARTITION ACCOUNT NODES GPUS_PER_NODE PARALLEL; do
+  if [[ "${!var:-}" == *$'\n'* ]]; then
+    echo "slurm.sh: error: $var holds a line break, which no #SBATCH line can carry: remove it" >&2
+    exit 2
+  fi
+done
 
-# The #SBATCH header shared by both kinds of job; $1 = job name, then extra #SBATCH lines.
+# One #SBATCH line. sbatch splits these lines at blanks (escaped ones too) and ends them at '#', so
+# an argument holding anything but these characters goes in double quotes, where \ escapes.
+sbatch_line() {
+  local arg=$1
+  if [[ ! "$arg" =~ ^[A-Za-z0-9_./:=%@+,-]+$ ]]; then
+    arg=${arg//\\/\\\\}
+    arg="\"${arg//\"/\\\"}\""
+  fi
+  echo "#SBATCH $arg"
+}
+
+# --output=WORKDIR/$1. sbatch replaces %j, %A, %a, ... in that path, and %% by %.
+output_in_workdir() { echo "--output=${WORKDIR//%/%%}/$1"; }
+
+# The #SBATCH header shared by both kinds of job; $1 = job name, then extra sbatch arguments.
 header() {
   local name=$1; shift
+  local args=("--job-name=$name" "--time=$TIME" "--signal=TERM@120" "--requeue")
+  [[ -n "${PARTITION:-}" ]] && args+=("--partition=$PARTITION")
+  [[ -n "${ACCOUNT:-}" ]] && args+=("--account=$ACCOUNT")
   echo "#!/usr/bin/env bash"
-  echo "#SBATCH --job-name=$name"
-  echo "#SBATCH --time=$TIME"
-  echo "#SBATCH --signal=TERM@120"
-  echo "#SBATCH --requeue"
-  [[ -n "${PARTITION:-}" ]] && echo "#SBATCH --partition=$PARTITION"
-  [[ -n "${ACCOUNT:-}" ]] && echo "#SBATCH --account=$ACCOUNT"
-  for line in "$@"; do echo "#SBATCH $line"; done
+  for arg in "${args[@]}" "$@"; do sbatch_line "$arg"; done
   echo "set -euo pipefail"
   echo "cd $(printf '%q' "$REPO")"
   [[ -n "${VENV:-}" ]] && echo "source $(printf '%q' "$VENV")/bin/activate"
@@ -73,7 +98,7 @@ case "$cmd" in
     config=$1; shift
     {
       header resnet_jax "--nodes=$NODES" "--ntasks-per-node=$GPUS_PER_NODE" \
-        "--gpus-per-task=1" "--output=$WORKDIR/slurm-%j.out"
+        "--gpus-per-task=1" "$(output_in_workdir 'slurm-%j.out')"
       echo "export RESNET_JAX_DISTRIBUTED=1  # jax.distributed.initialize() reads SLURM's variables"
       echo "srun python -m resnet_jax.main train --config=$(printf '%q' "$config") --workdir=$(printf '%q' "$WORKDIR") $(printf '%q ' "$@")"
     } | submit
@@ -84,14 +109,14 @@ case "$cmd" in
     count=$(cd "$REPO" && python -m experiments.degradation --preset="$preset" --root="$WORKDIR" --list | wc -l)
     array_job=$({
       header "resnet_jax-$preset" "--array=0-$((count - 1))%$PARALLEL" "--ntasks=1" \
-        "--gpus-per-task=1" "--output=$WORKDIR/slurm-%A_%a.out"
-      echo "python -m experiments.degradation --preset=$preset --root=$(printf '%q' "$WORKDIR") --index=\$SLURM_ARRAY_TASK_ID"
+        "--gpus-per-task=1" "$(output_in_workdir 'slurm-%A_%a.out')"
+      echo "python -m experiments.degradation --preset=$(printf '%q' "$preset") --root=$(printf '%q' "$WORKDIR") --index=\$SLURM_ARRAY_TASK_ID"
     } | submit)
     echo "$array_job"
     array_id=$(tail -n 1 <<< "$array_job")
     {
-      header "resnet_jax-$preset-report" "--ntasks=1" "--output=$WORKDIR/slurm-%j.out"
-      echo "python -m experiments.degradation --preset=$preset --root=$(printf '%q' "$WORKDIR") --plot-only"
+      header "resnet_jax-$preset-report" "--ntasks=1" "$(output_in_workdir 'slurm-%j.out')"
+      echo "python -m experiments.degradation --preset=$(printf '%q' "$preset") --root=$(printf '%q' "$WORKDIR") --plot-only"
     } | submit "--dependency=afterok:$array_id"
     ;;
   *)

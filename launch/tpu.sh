@@ -6,6 +6,7 @@
 #   launch/tpu.sh [--dry-run] run CONFIG[:ARGS] [--config.KEY=VALUE ...]   # one run, all workers
 #   launch/tpu.sh [--dry-run] sweep PRESET           # experiments.degradation, all workers
 #   launch/tpu.sh [--dry-run] copy DEST              # WORKDIR from worker 0 to DEST here
+#                                                    # (WORKDIR without blanks or shell characters)
 #   launch/tpu.sh [--dry-run] delete                 # the slice
 #
 # Required variables:
@@ -19,10 +20,12 @@
 #
 # Every worker runs the same command with RESNET_JAX_DISTRIBUTED=1; jax.distributed.initialize()
 # finds the other workers itself, the mesh spans all chips, process 0 writes logs and every
-# process writes its part of each Orbax checkpoint. --dry-run prints the commands instead.
+# process writes its part of each Orbax checkpoint. --dry-run (anywhere on the line) prints the
+# commands instead.
 set -euo pipefail
 
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+# The header above, up to the first line that is not a comment.
+usage() { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 2; }
 need() {
   for var in "$@"; do
     if [[ -z "${!var:-}" ]]; then
@@ -32,14 +35,28 @@ need() {
   done
 }
 
+# --dry-run counts wherever it is, since a dry run must never act (resnet_jax.main and
+# experiments.degradation have no flag of that name).
 DRY_RUN=0
-if [[ "${1:-}" == "--dry-run" ]]; then DRY_RUN=1; shift; fi
+args=()
+for arg in "$@"; do
+  if [[ "$arg" == "--dry-run" ]]; then DRY_RUN=1; else args+=("$arg"); fi
+done
+set -- "${args[@]}"
 [[ $# -ge 1 && "$1" != "--help" && "$1" != "-h" ]] || usage
 cmd=$1; shift
 
 # Prints the command under --dry-run, runs it otherwise.
 run() {
   if ((DRY_RUN)); then printf '%q ' "$@"; echo; else "$@"; fi
+}
+
+# Its arguments as words for a shell, each quoted: each worker's shell splits the --command string,
+# and paths and values may hold blanks, parentheses, quotes or ';'.
+words() {
+  local quoted
+  printf -v quoted '%q ' "$@"
+  echo "${quoted% }"
 }
 
 need TPU_NAME ZONE
@@ -63,22 +80,32 @@ case "$cmd" in
     archive=$(mktemp -u /tmp/resnet_jax-XXXXXX).tar.gz
     run git -C "$here" archive --format=tar.gz --prefix="$REPO_DIR/" -o "$archive" HEAD
     run "${gcloud_tpu[@]}" scp "$archive" "$TPU_NAME":resnet_jax.tar.gz "${where[@]}" --worker=all
-    on_all_workers "tar xzf resnet_jax.tar.gz && python3 -m pip install -U 'jax[tpu]' && python3 -m pip install -e $REPO_DIR"
+    on_all_workers "tar xzf resnet_jax.tar.gz && python3 -m pip install -U 'jax[tpu]' && python3 -m pip install -e $(words "$REPO_DIR")"
     ;;
   run)
     need WORKDIR
     [[ $# -ge 1 ]] || { echo "tpu.sh: error: run needs CONFIG[:ARGS], e.g. resnet_jax/configs/imagenet.py:depth=50" >&2; exit 2; }
     config=$1; shift
-    on_all_workers "cd $REPO_DIR && RESNET_JAX_DISTRIBUTED=1 python3 -m resnet_jax.main train --config=$config --workdir=$WORKDIR $*"
+    train=(python3 -m resnet_jax.main train "--config=$config" "--workdir=$WORKDIR" "$@")
+    on_all_workers "cd $(words "$REPO_DIR") && RESNET_JAX_DISTRIBUTED=1 $(words "${train[@]}")"
     ;;
   sweep)
     need WORKDIR
     [[ $# -ge 1 ]] || { echo "tpu.sh: error: sweep needs a PRESET, e.g. paper" >&2; exit 2; }
-    on_all_workers "cd $REPO_DIR && RESNET_JAX_DISTRIBUTED=1 python3 -m experiments.degradation --preset=$1 --root=$WORKDIR"
+    sweep=(python3 -m experiments.degradation "--preset=$1" "--root=$WORKDIR")
+    on_all_workers "cd $(words "$REPO_DIR") && RESNET_JAX_DISTRIBUTED=1 $(words "${sweep[@]}")"
     ;;
   copy)
     need WORKDIR
     [[ $# -ge 1 ]] || { echo "tpu.sh: error: copy needs a DEST directory here" >&2; exit 2; }
+    # scp hands a remote path to the worker's shell, or since OpenSSH 9.0 reads it as it is: no
+    # quoting suits both, so copy takes only paths that neither would change.
+    if [[ ! "$WORKDIR" =~ ^[A-Za-z0-9_./+,:=@%-]+$ ]]; then
+      echo "tpu.sh: error: copy cannot hand WORKDIR=$WORKDIR to scp intact (it holds blanks or" \
+        "shell characters): copy it with gcloud compute tpus tpu-vm scp, quoted as your scp" \
+        "needs, or use a WORKDIR without them" >&2
+      exit 2
+    fi
     run "${gcloud_tpu[@]}" scp --recurse "$TPU_NAME:$WORKDIR" "$1" "${where[@]}" --worker=0
     ;;
   delete)

@@ -1,9 +1,11 @@
-"""launch/: the dry runs print complete gcloud, srun and sbatch commands; missing variables are one
-line naming the variable; the local launcher returns the first failure and stops the others.
+"""launch/: the dry runs print complete gcloud, srun and sbatch commands, which run each path and
+value as one argument and nothing else; --dry-run is honoured wherever it is; missing variables
+are one line naming the variable; the local launcher returns the first failure and stops the others.
 (The local launcher running a real 2-process job: tests/test_distributed.py.)
 """
 import os
 import pathlib
+import shlex
 import subprocess
 import sys
 
@@ -18,6 +20,89 @@ def launch(script, *args, **variables):
     base = {k: v for k, v in os.environ.items() if k not in TPU}
     return subprocess.run(["bash", f"launch/{script}", *args], cwd=REPO, env={**base, **variables},
                           capture_output=True, text=True, timeout=120)
+
+
+# A config value that a shell would split or refuse unquoted.
+STEPS = "--config.lr_boundaries_steps=(32000, 48000)"
+CIFAR = "resnet_jax/configs/cifar.py:depth=8"
+
+
+def fakes(tmp_path):
+    """Two folders of stand-ins to put first on PATH. cloud/: gcloud, sbatch and srun that only
+    record being called, in tmp_path/calls (sbatch answers a job id). worker/: gcloud ... ssh
+    --command=C that runs C the way each worker's shell does (bash -c C), srun that runs its
+    command, and python, python3, resnet-jax and tar that print their name, their directory and
+    their argv, one a line."""
+    cloud, worker = tmp_path / "cloud", tmp_path / "worker"
+    calls = shlex.quote(str(tmp_path / "calls"))
+    programs = {cloud / name: f'echo "{name} $*" >> {calls}\n' for name in ["gcloud", "srun"]}
+    programs[cloud / "sbatch"] = f'echo "sbatch $*" >> {calls}\necho 1234\n'
+    programs[worker / "gcloud"] = ('for arg; do [[ $arg == --command=* ]] && '
+                                   'exec bash -c "${arg#--command=}"; done; exit 1\n')
+    programs[worker / "srun"] = 'exec "$@"\n'
+    for name in ["python", "python3", "resnet-jax", "tar"]:
+        programs[worker / name] = f'echo "{name} in $PWD"; printf "%s\\n" "$@"\n'
+    for path, body in programs.items():
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("#!/usr/bin/env bash\n" + body)
+        path.chmod(0o755)
+    return cloud, worker
+
+
+def on_path(folder):
+    return f"{folder}:{os.environ['PATH']}"
+
+
+def shell(command, cwd, path, **variables):
+    """Runs a printed command as a shell does, with `path` as PATH."""
+    return subprocess.run(["bash", "-c", command], cwd=cwd, env={**os.environ, "PATH": path,
+                          **variables}, capture_output=True, text=True, timeout=60)
+
+
+def batch_scripts(dry_run_output):
+    """The batch scripts slurm.sh --dry-run prints, in order."""
+    parts = dry_run_output.split("# --- batch script ---\n")[1:]
+    return [part.split("# --- submitted with ---")[0] for part in parts]
+
+
+def sbatch_arguments(script):
+    """The arguments sbatch reads from a script's #SBATCH lines, as Slurm's src/sbatch/opt.c
+    (_get_argument) reads them: an unquoted blank ends an argument even after a backslash, a
+    backslash takes the next character as it is, quotes group, an unquoted # ends the line; the
+    lines end at the first line that is not a comment. Returns one list of arguments per line."""
+    lines = []
+    for line in script.splitlines():
+        if not line.startswith("#SBATCH"):
+            if line.strip() and not line.lstrip().startswith("#"):
+                break
+            continue
+        args, word, quote, escaped = [], "", None, False
+        for char in line[len("#SBATCH"):]:
+            if not quote and char.isspace():
+                if word:
+                    args.append(word)
+                word, escaped = "", False
+                continue
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+                continue
+            elif quote:
+                if char == quote:
+                    quote = None
+                    continue
+            elif char in "\"'":
+                quote = char
+                continue
+            elif char == "#":
+                break
+            word += char
+        assert quote is None, f"sbatch refuses an unmatched quote: {line}"
+        if word:
+            args.append(word)
+        lines.append(args)
+    return lines
 
 
 @pytest.mark.parametrize("script", ["local.sh", "tpu.sh", "slurm.sh"])
@@ -138,3 +223,127 @@ def test_local_launcher_rejects_a_bad_process_count():
     proc = launch("local.sh", "two", "true")
     assert proc.returncode == 2
     assert "N=two is not a positive integer" in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["setup", "run", "sweep"])
+def test_tpu_workers_get_every_path_and_value_whole(tmp_path, command):
+    # The printed gcloud command, run by a shell, hands each worker's shell a --command that runs
+    # the program with exactly these arguments, and nothing else.
+    cloud, worker = fakes(tmp_path)
+    home = tmp_path / "home"  # where each worker's shell starts
+    repo_dir = "my repo; touch injected"
+    (home / repo_dir).mkdir(parents=True)
+    workdir = f"/mnt/my runs/r1; touch {home}/injected"
+    args = {"setup": ["setup"], "run": ["run", CIFAR, STEPS], "sweep": ["sweep", "paper"]}[command]
+    proc = launch("tpu.sh", "--dry-run", *args, **TPU | {"WORKDIR": workdir},
+                  REPO_DIR=repo_dir, PATH=on_path(cloud))
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "calls").exists()
+    ssh, = [line for line in proc.stdout.splitlines() if " ssh " in line]
+    workers = shell(ssh, home, on_path(worker))
+    in_repo = f"python3 in {home / repo_dir}"
+    assert workers.stdout.splitlines() == {
+        "setup": [f"tar in {home}", "xzf", "resnet_jax.tar.gz",
+                  f"python3 in {home}", "-m", "pip", "install", "-U", "jax[tpu]",
+                  f"python3 in {home}", "-m", "pip", "install", "-e", repo_dir],
+        "run": [in_repo, "-m", "resnet_jax.main", "train", f"--config={CIFAR}",
+                f"--workdir={workdir}", STEPS],
+        "sweep": [in_repo, "-m", "experiments.degradation", "--preset=paper", f"--root={workdir}"],
+    }[command], workers.stderr
+    assert not (home / "injected").exists()
+
+
+def test_tpu_copy_refuses_a_workdir_that_scp_would_split(tmp_path):
+    # scp hands a remote path to the worker's shell (or, since OpenSSH 9, reads it as it is), so
+    # no quoting is right for both: refused before gcloud is called.
+    cloud, _ = fakes(tmp_path)
+    proc = launch("tpu.sh", "copy", str(tmp_path / "results"),
+                  **TPU | {"WORKDIR": f"/mnt/my runs/r1; touch {tmp_path}/injected"},
+                  PATH=on_path(cloud))
+    assert proc.returncode == 2
+    line, = proc.stderr.splitlines()
+    assert line.startswith("tpu.sh: error: copy cannot hand WORKDIR=")
+    assert not (tmp_path / "calls").exists()
+
+
+@pytest.mark.parametrize("command", ["run", "sweep"])
+def test_slurm_jobs_get_every_path_and_value_whole(tmp_path, command):
+    # Each #SBATCH line is one argument to sbatch, the --output path included (a % doubled, since
+    # sbatch reads %j there); the batch script, run by bash, runs the program with exactly these
+    # arguments, and nothing else.
+    cloud, worker = fakes(tmp_path)
+    workdir = f"{tmp_path}/100% my runs; touch {tmp_path}/injected"
+    venv = tmp_path / "my venv; (jax)"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "activate").write_text("true\n")
+    args = {"run": ["run", CIFAR, STEPS], "sweep": ["sweep", "paper"]}[command]
+    proc = launch("slurm.sh", "--dry-run", *args, WORKDIR=workdir, VENV=str(venv),
+                  PATH=on_path(cloud))
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "calls").exists()
+    output = f"--output={tmp_path}/100%% my runs; touch {tmp_path}/injected/slurm-"
+    python = [f"python in {REPO}", "-m"]
+    expected = {
+        "run": [(output + "%j.out", python + ["resnet_jax.main", "train", f"--config={CIFAR}",
+                                              f"--workdir={workdir}", STEPS])],
+        "sweep": [(output + "%A_%a.out", python + ["experiments.degradation", "--preset=paper",
+                                                   f"--root={workdir}", "--index=3"]),
+                  (output + "%j.out", python + ["experiments.degradation", "--preset=paper",
+                                                f"--root={workdir}", "--plot-only"])],
+    }[command]
+    scripts = batch_scripts(proc.stdout)
+    assert len(scripts) == len(expected)
+    for script, (output_arg, argv) in zip(scripts, expected):
+        lines = sbatch_arguments(script)
+        assert all(len(args) == 1 for args in lines), lines
+        assert [output_arg] in lines, lines
+        job = shell(script, tmp_path, on_path(worker), SLURM_ARRAY_TASK_ID="3")
+        assert job.stdout.splitlines() == argv, job.stderr
+    assert not (tmp_path / "injected").exists()
+
+
+def test_slurm_refuses_a_line_break_no_sbatch_line_can_carry(tmp_path):
+    cloud, _ = fakes(tmp_path)
+    proc = launch("slurm.sh", "run", CIFAR, WORKDIR=f"{tmp_path}/runs\ntouch injected",
+                  PATH=on_path(cloud))
+    assert proc.returncode == 2
+    line, = proc.stderr.splitlines()
+    assert line.startswith("slurm.sh: error: WORKDIR holds a line break")
+    assert not (tmp_path / "calls").exists() and not (tmp_path / "runs").exists()
+
+
+def test_local_dry_run_runs_every_path_and_value_whole(tmp_path):
+    # The printed lines, run by a shell, start each process with exactly these arguments and
+    # send process 1's output to LOG_DIR, and run nothing else.
+    _, worker = fakes(tmp_path)
+    log_dir = "my logs; touch injected #"
+    (tmp_path / log_dir).mkdir()
+    workdir = "my runs; touch injected"
+    proc = launch("local.sh", "--dry-run", "2", "resnet-jax", "train", f"--workdir={workdir}",
+                  STEPS, LOG_DIR=log_dir)
+    assert proc.returncode == 0, proc.stderr
+    processes = shell(proc.stdout, tmp_path, on_path(worker))
+    expected = [f"resnet-jax in {tmp_path}", "train", f"--workdir={workdir}", STEPS]
+    assert processes.stdout.splitlines() == expected, processes.stderr
+    assert (tmp_path / log_dir / "process-1.log").read_text().splitlines() == expected
+    assert not (tmp_path / "injected").exists()
+
+
+@pytest.mark.parametrize("script, args", [
+    ("tpu.sh", ["create", "--dry-run"]),
+    ("tpu.sh", ["run", "--dry-run", CIFAR, STEPS]),
+    ("tpu.sh", ["delete", "--dry-run"]),
+    ("slurm.sh", ["run", CIFAR, STEPS, "--dry-run"]),
+    ("slurm.sh", ["sweep", "paper", "--dry-run"]),
+    ("local.sh", ["2", "--dry-run", "touch", "{tmp}/acted"]),
+])
+def test_dry_run_anywhere_prints_and_never_acts(tmp_path, script, args):
+    # Before COMMAND in local.sh (what follows is COMMAND's own), anywhere in the others.
+    cloud, _ = fakes(tmp_path)
+    workdir = tmp_path / "runs"
+    proc = launch(script, *[arg.format(tmp=tmp_path) for arg in args],
+                  **TPU | {"WORKDIR": str(workdir)}, PATH=on_path(cloud))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout
+    assert not (tmp_path / "calls").exists()  # no gcloud, sbatch or srun
+    assert not workdir.exists() and not (tmp_path / "acted").exists()
