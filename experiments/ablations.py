@@ -17,14 +17,14 @@ shrinks every net to its smallest depth. Writes ablation_<study>.md/.csv/.json i
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import pathlib
 import sys
 
-from experiments.degradation import PRESETS, collect, seed_statistics
+from experiments.degradation import PRESETS, collect, mean_std, not_converged, seed_statistics
 from experiments.sweep import Run, run_sweep_command
+from resnet_jax.cli import ArgumentParser
 
 
 def study_args(study: str, small: bool) -> list[tuple[str, int]]:
@@ -64,12 +64,17 @@ def report(root: pathlib.Path, study: str, title: str) -> list[dict]:
         writer = csv.DictWriter(f, list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    lines = [f"# {title}", "", "| variant | seeds | train error % (mean +- std) | "
-             "test error % (mean +- std) | |", "|---|---:|---:|---:|---|"]
-    lines += [f"| {r['variant']} | {r['seeds']} | {r['train_mean']:.2f} +- {r['train_std']:.2f}"
-              f" | {r['test_mean']:.2f} +- {r['test_std']:.2f} | "
-              + ("not converged: seed " + ", ".join(map(str, r["not_converged_seeds"]))
-                 if r["not_converged_seeds"] else "") + " |" for r in rows]
+    # As in the degradation table: statistics over the runs that converged, the others apart.
+    lines = [f"# {title}", "", "| variant | runs | not converged | train error % | "
+             "test error % |", "|---|---:|---|---:|---:|"]
+    lines += [f"| {r['variant']} | {r['seeds']} | {not_converged(r)} | {mean_std(r, 'train')} | "
+              f"{mean_std(r, 'test')} |" for r in rows]
+    failed = [r for r in results if not r["summary"].get("converged", True)]
+    if failed:
+        lines += ["", "Not converged (left out of the statistics above):", "",
+                  "| run | train error % | test error % |", "|---|---:|---:|"]
+        lines += [f"| {r['name']} | {r['summary']['train/error']:.2f} | "
+                  f"{r['summary']['test/error']:.2f} |" for r in failed]
     pathlib.Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
     pathlib.Path(f"{stem}.json").write_text(json.dumps({"title": title, "table": rows},
                                                        indent=2) + "\n")
@@ -78,27 +83,36 @@ def report(root: pathlib.Path, study: str, title: str) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--study", choices=STUDIES, required=True)
+    parser = ArgumentParser("experiments.ablations", __doc__)
+    parser.add_argument("--study", choices=STUDIES, required=True,
+                        help="shortcuts: options A, B, C (Table 3's question); preact: post- vs "
+                             "pre-activation blocks (He et al. 2016)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="digits",
                         help="schedule, data and seeds of a degradation preset")
-    parser.add_argument("--root", required=True)
+    parser.add_argument("--root", required=True,
+                        help="directory of the study's runs and its ablation_<study> tables")
     parser.add_argument("--dataset", help="override the preset's dataset")
-    parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--processes", type=int, default=1, help="runs trained at once")
     parser.add_argument("--seeds-per-program", type=int, default=1,
                         help="train up to this many seeds of one net in one program "
                              "(vmapped on GPU/TPU, a loop on CPU)")
     parser.add_argument("--plot-only", action="store_true", help="rewrite the table, train nothing")
     args = parser.parse_args(argv)
     root = pathlib.Path(args.root)
-    if not args.plot_only:
-        status = run_sweep_command("ablations", runs(args.study, args.preset, args.dataset),
-                                   root, processes=args.processes,
-                                   seeds_per_program=args.seeds_per_program)
-        if status:
-            return status
-    report(root, args.study, f"Ablation '{args.study}', {args.dataset or PRESETS[args.preset].dataset}"
-           f" ({args.preset} preset)")
+    title = (f"Ablation '{args.study}', {args.dataset or PRESETS[args.preset].dataset}"
+             f" ({args.preset} preset)")
+    from resnet_jax.train import ConfigError
+
+    try:
+        if not args.plot_only:  # a report also after failed runs, which it leaves out
+            return run_sweep_command("ablations", runs(args.study, args.preset, args.dataset),
+                                     root, processes=args.processes,
+                                     seeds_per_program=args.seeds_per_program,
+                                     report=lambda: report(root, args.study, title))
+        report(root, args.study, title)
+    except ConfigError as e:  # a run's damaged config.json or summary.json
+        print(f"ablations: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

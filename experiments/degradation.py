@@ -9,15 +9,22 @@
 Runs every missing run of the preset's sweep (finished runs are skipped, interrupted ones resume),
 then writes into ROOT: degradation.png/.pdf (training error dashed, test error bold, against
 iterations; one panel for plain nets, one for residual nets, as in Fig. 6), degradation.md/.csv
-(final errors per depth: mean +- std and median over seeds, the paper's numbers beside them) and
-degradation.json (every number). A run whose final training error stays above
-`max_converged_train_error` (80 %) is marked "not converged" rather than averaged in silently.
+(final errors per depth: mean +- std, median and best over the seeds that converged) and
+degradation.json (every number). A run that did not train (summary.json `converged: false`: a
+final training error of at least 90 % of chance's, `not_converged_fraction_of_chance`) is
+counted and listed apart, not averaged in. Only the `paper` preset's table puts the paper's
+Table 6 beside its own numbers, each beside the statistic of the same kind (ResNet-110: best of
+5 beside the best, mean +- std of 5 beside the mean; the other depths: one run beside the mean);
+every other table keeps the paper's CIFAR-10 numbers in a section of their own.
 
 Presets:
-  paper      CIFAR-10 from TFDS, 64k iterations, 5 seeds, warm-up (lr 0.01 for 400 iterations) for
-             110 and deeper, plus ResNet-1202. Expected (Table 6): ResNet-20/32/44/56/110 test
-             error 8.75/7.51/7.17/6.97/6.43 % (110: 6.61 +- 0.16 over 5 runs), 1202: 7.93 %; plain
-             nets get worse with depth. Wall time not yet measured on a GPU here.
+  paper      CIFAR-10 from TFDS, 64k iterations, 5 seeds, batch-norm statistics per 64 images
+             (the paper's 2 GPUs x 64), warm-up for 110 and deeper by the paper's rule (lr 0.01
+             until the training error of the last 20 batches is below 80 %, at most 2,000
+             iterations), plus ResNet-1202. Expected (Table 6): ResNet-20/32/44/56 test error
+             8.75/7.51/7.17/6.97 % (one run each), ResNet-110 6.43 % best and 6.61 +- 0.16 %
+             mean of 5 runs, 1202: 7.93 %; plain nets get worse with depth. Wall time not yet
+             measured on a GPU here.
   cifar-cpu  real CIFAR-10 (folder: copy or TFDS), the same depths, 1 seed, 500 iterations of 64
              at lr 0.05, filters 8/16/32. About an hour on 2 CPU cores (81 min measured on 2 EPYC
              cores with other work sharing them); shows deeper plain nets training worse and every
@@ -29,7 +36,6 @@ Presets:
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
@@ -37,10 +43,17 @@ import pathlib
 import statistics
 import sys
 
-from experiments.sweep import Run, run_sweep_command
+from experiments.sweep import Run, failures, run_sweep_command
+from resnet_jax.cli import ArgumentParser
 
-# He et al. 2015, Table 6 (CIFAR-10 test error, %, best of 5; 110 also as mean +- std).
-PAPER_TEST_ERROR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}
+# He et al. 2015, Table 6: CIFAR-10 test error (%) of the residual nets. ResNet-110 was trained 5
+# times ("best (mean +- std)"); every other net once (n = 1: `mean` is that run's error).
+PAPER_TABLE6 = {20: {"n": 1, "mean": 8.75}, 32: {"n": 1, "mean": 7.51},
+                44: {"n": 1, "mean": 7.17}, 56: {"n": 1, "mean": 6.97},
+                110: {"n": 5, "mean": 6.61, "std": 0.16, "best": 6.43},
+                1202: {"n": 1, "mean": 7.93}}
+PAPER_SCALE = ("He et al. 2015, Table 6: CIFAR-10, 64k iterations of 128 images, 16/32/64 "
+               "filters; plain nets only in Fig. 6, plain-110 above 60 %")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +67,10 @@ class Preset:
     learning_rate: float = 0.1  # the paper's; tiny sets with short schedules need less
     width: int = 1
     base_width: int = 16  # the paper's 16/32/64 filters; narrower for CPU-scale sweeps
-    warmup_from_depth: int = 110  # the paper warms ResNet-110 up at lr 0.01 for 400 iterations
+    warmup_from_depth: int = 110  # the paper warms ResNet-110 up (the rule: `schedule`)
+    # Batch-norm statistics per this many images of each global batch (0: all of it); the
+    # paper's 2 GPUs x 64 images are 64.
+    bn_group_size: int = 0
     log_every_steps: int = 100
     eval_every_steps: int = 2_000
     eval_subset: int = 0  # test images per evaluation before the last (0 = all; the last: all)
@@ -64,12 +80,17 @@ class Preset:
 
     def schedule(self, depth: int) -> dict:
         """Config overrides: the paper's schedule scaled to `total_steps` iterations."""
-        s = self.total_steps
+        s, warm = self.total_steps, depth >= self.warmup_from_depth
         return {
             "total_steps": s, "batch_size": self.batch_size,
             "learning_rate": self.learning_rate, "warmup_learning_rate": self.learning_rate / 10,
             "lr_boundaries_steps": (s // 2, s * 3 // 4),  # 32k and 48k of 64k, scaled
-            "warmup_steps": 400 * s // 64_000 if depth >= self.warmup_from_depth else 0,
+            # The paper's rule (train.LrSchedule): lr / 10 until the training error of the last
+            # 20 batches is below 80 %, at most 2,000 of 64k iterations; both counts scaled.
+            "warmup_until_error": 80.0 if warm else 0.0,
+            "warmup_steps": max(1, 2_000 * s // 64_000) if warm else 0,
+            "warmup_error_window_steps": max(1, 20 * s // 64_000),
+            "bn_group_size": self.bn_group_size,
             "log_every_steps": self.log_every_steps, "eval_every_steps": self.eval_every_steps,
             "eval_subset": self.eval_subset,
             "checkpoint_every_steps": self.eval_every_steps,
@@ -90,7 +111,7 @@ class Preset:
 
 
 PRESETS = {
-    "paper": Preset(dataset="cifar10", residual_only_depths=(1202,), seeds=5),
+    "paper": Preset(dataset="cifar10", residual_only_depths=(1202,), seeds=5, bn_group_size=64),
     # Sized by timing single steps on 2 EPYC cores (batch 64, base width 8): 0.21 s for 20
     # layers, 0.64 s for 56, 1.68 s for 110. Batch 64 at the paper's lr scaled to it (0.05):
     # more updates in the same time than 128. Evaluations before the last use 2,000 test images.
@@ -111,63 +132,136 @@ PRESETS = {
 
 
 def collect(root: pathlib.Path) -> list[dict]:
-    """Every finished run under root: its arguments, curves and summary."""
+    """Every finished run under root: its arguments, curves and summary. A damaged config.json
+    or summary.json is a ConfigError naming it."""
+    from resnet_jax.train import read_run_json
+
     out = []
     for summary_path in sorted(root.glob("*/summary.json")):
         run_dir = summary_path.parent
-        config = json.loads((run_dir / "config.json").read_text())
+        config = read_run_json(run_dir / "config.json")
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         out.append({"name": run_dir.name, "depth": config["depth"],
                     "residual": config["residual"], "seed": config["seed"], "config": config,
-                    "summary": json.loads(summary_path.read_text()), "curve": records})
+                    "summary": read_run_json(summary_path), "curve": records})
     return out
 
 
 def seed_statistics(group: list[dict]) -> dict:
-    """Mean, std and median over the seeds of one net; the seeds that did not converge."""
-    row = {"seeds": len(group),
+    """Over the seeds of one net that converged: mean, std (None below 2 seeds), median and the
+    best (lowest) test error. The seeds that did not converge are counted and named, not
+    averaged in (as the paper reports failed runs apart)."""
+    converged = [r for r in group if r["summary"].get("converged", True)]
+    row = {"seeds": len(group), "converged_seeds": len(converged),
            "not_converged_seeds": [r["seed"] for r in group
                                    if not r["summary"].get("converged", True)]}
     for split in ("train", "test"):
-        values = [r["summary"][f"{split}/error"] for r in group]
-        row[f"{split}_mean"] = statistics.fmean(values)
-        row[f"{split}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        row[f"{split}_median"] = statistics.median(values)
+        values = [r["summary"][f"{split}/error"] for r in converged]
+        row[f"{split}_mean"] = statistics.fmean(values) if values else None
+        row[f"{split}_std"] = statistics.stdev(values) if len(values) > 1 else None
+        row[f"{split}_median"] = statistics.median(values) if values else None
+    row["test_best"] = min(values) if values else None
     return row
 
 
-def table(results: list[dict]) -> list[dict]:
-    """Final errors per (net, depth): mean, std and median over seeds; failures named."""
+def mean_std(row: dict, split: str) -> str:
+    """'6.70 +- 0.22 (n=4)' over the converged seeds; one seed: its error alone; none: '-'."""
+    n, mean, std = row["converged_seeds"], row[f"{split}_mean"], row[f"{split}_std"]
+    if not n:
+        return "-"
+    return f"{mean:.2f}" if n == 1 else f"{mean:.2f} +- {std:.2f} (n={n})"
+
+
+def not_converged(row: dict) -> str:
+    seeds = row["not_converged_seeds"]
+    return f"{len(seeds)} (seed {', '.join(map(str, seeds))})" if seeds else ""
+
+
+def table(results: list[dict], paper: bool = False) -> list[dict]:
+    """Final errors per (net, depth) over the seeds that converged; with `paper`, the paper's
+    Table 6 entry of each residual net beside them."""
     rows = []
     keys = sorted({(r["residual"], r["depth"]) for r in results})
     for residual, depth in keys:
         group = [r for r in results if (r["residual"], r["depth"]) == (residual, depth)]
         row = {"net": f"{'ResNet' if residual else 'plain'}-{depth}", "depth": depth,
                "residual": residual, **seed_statistics(group)}
-        row["paper_test"] = PAPER_TEST_ERROR.get(depth) if residual else None
+        if paper and residual and depth in PAPER_TABLE6:
+            entry = PAPER_TABLE6[depth]
+            row |= {"paper_n": entry["n"], "paper_mean": entry["mean"],
+                    "paper_std": entry.get("std"), "paper_best": entry.get("best")}
         rows.append(row)
     return rows
 
 
-def write_table(rows: list[dict], root: pathlib.Path, title: str) -> None:
-    fields = ["net", "seeds", "train_mean", "train_std", "train_median", "test_mean", "test_std",
-              "test_median", "paper_test", "not_converged_seeds"]
+def paper_cells(entry: dict) -> tuple[str, str]:
+    """(mean cell, best cell) of a Table 6 entry: '6.61 +- 0.16 (n=5)', '6.43 (best of 5)'."""
+    spread = f" +- {entry['std']:.2f}" if entry.get("std") is not None else ""
+    best = entry.get("best")
+    return (f"{entry['mean']:.2f}{spread} (n={entry['n']})",
+            f"{best:.2f} (best of {entry['n']})" if best is not None else "")
+
+
+def setup_text(results: list[dict]) -> str:
+    """What the numbers are over: the batch-norm groups and what "not converged" means."""
+    groups = []
+    for group, batch in sorted({(r["config"].get("bn_group_size", 0), r["config"]["batch_size"])
+                                for r in results}):
+        groups.append(f"groups of {group} images of each global batch of {batch}, "
+                      f"bn_group_size={group}" if group and group < batch else
+                      f"the whole global batch of {batch}, bn_group_size={group}")
+    thresholds = sorted({r["summary"]["not_converged_from_train_error"] for r in results
+                         if "not_converged_from_train_error" in r["summary"]})
+    limit = (" (" + " / ".join(f"{t:.2f} %" for t in thresholds) + " here)") if thresholds else ""
+    return ("Batch-norm statistics over " + "; ".join(groups) + " (the paper: groups of 64, "
+            "2 GPUs x 64 images). Means, stds, medians and bests are over the runs that "
+            "converged; a run that did not (did not train: a final training error of at least "
+            f"90 % of chance-level error{limit}) is counted, listed apart and left out.")
+
+
+def write_table(rows: list[dict], root: pathlib.Path, title: str, *, setup: str = "",
+                failed: list[dict] = (), paper: bool = False) -> None:
+    """degradation.md/.csv. `failed`: the runs that did not converge, listed apart; `paper`:
+    the paper's numbers beside ours (else in a section of their own, as not comparable)."""
+    fields = ["net", "seeds", "converged_seeds", "train_mean", "train_std", "train_median",
+              "test_mean", "test_std", "test_median", "test_best", "not_converged_seeds"]
+    fields += ["paper_n", "paper_mean", "paper_std", "paper_best"] if paper else []
     with open(root / "degradation.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    lines = [f"# {title}", "",
-             "| net | seeds | train error % (mean +- std, median) | test error % (mean +- std, "
-             "median) | paper, CIFAR-10 test error % | |", "|---|---:|---:|---:|---:|---|"]
+    best = paper or any(r["converged_seeds"] > 1 for r in rows)
+    header = ["net", "runs", "not converged", "train error %", "test error %"]
+    header += ["paper, test error %"] if paper else []
+    header += ["test error %, best"] + (["paper, best"] if paper else []) if best else []
+    lines = [f"# {title}", "", setup, "", "| " + " | ".join(header) + " |",
+             "|---|---:|---|" + "---:|" * (len(header) - 3)]
     for r in rows:
-        flag = (f"not converged: seed {', '.join(map(str, r['not_converged_seeds']))}"
-                if r["not_converged_seeds"] else "")
-        paper = f"{r['paper_test']:.2f}" if r["paper_test"] is not None else ""
-        lines.append(f"| {r['net']} | {r['seeds']} | {r['train_mean']:.2f} +- "
-                     f"{r['train_std']:.2f}, {r['train_median']:.2f} | {r['test_mean']:.2f} +- "
-                     f"{r['test_std']:.2f}, {r['test_median']:.2f} | {paper} | {flag} |")
-    lines += ["", "Paper (He et al. 2015, CIFAR-10): plain nets get worse with depth (plain-110 "
-              "> 60 % error); ResNet-110 6.61 +- 0.16 % over 5 runs."]
+        cells = [r["net"], str(r["seeds"]), not_converged(r), mean_std(r, "train"),
+                 mean_std(r, "test")]
+        paper_mean, paper_best = (paper_cells({"n": r["paper_n"], "mean": r["paper_mean"],
+                                               "std": r["paper_std"], "best": r["paper_best"]})
+                                  if "paper_n" in r else ("", ""))
+        cells += [paper_mean] if paper else []
+        if best:
+            n = r["converged_seeds"]
+            cells.append(f"{r['test_best']:.2f} (best of {n})" if n else "-")
+            cells += [paper_best] if paper else []
+        lines.append("| " + " | ".join(cells) + " |")
+    if paper:
+        lines += ["", f"Paper: {PAPER_SCALE}. ResNet-110: best of 5 runs beside our best, mean "
+                  "+- std of 5 beside our mean; the other depths: one run each, beside our mean."]
+    if failed:
+        lines += ["", "## Not converged (left out of the statistics above)", "",
+                  "| net | seed | train error % | test error % |", "|---|---:|---:|---:|"]
+        lines += [f"| {'ResNet' if r['residual'] else 'plain'}-{r['depth']} | {r['seed']} | "
+                  f"{r['summary']['train/error']:.2f} | {r['summary']['test/error']:.2f} |"
+                  for r in failed]
+    if not paper:
+        lines += ["", f"## The paper's numbers ({PAPER_SCALE}): not comparable with this "
+                  "table's scale", "", "| net | test error % | best |", "|---|---:|---:|"]
+        lines += [f"| ResNet-{d} | " + " | ".join(paper_cells(e)) + " |"
+                  for d, e in PAPER_TABLE6.items()]
     (root / "degradation.md").write_text("\n".join(lines) + "\n")
 
 
@@ -195,7 +289,8 @@ def plot(results: list[dict], root: pathlib.Path, title: str) -> None:
         ax.set_title("residual nets" if residual else "plain nets")
         ax.set_xlabel("iterations")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a panel may have no runs
+            ax.legend(fontsize=8)
     axes[0].set_ylabel("error (%)  — dashed: training, bold: test")
     fig.suptitle(title)
     fig.tight_layout()
@@ -204,25 +299,33 @@ def plot(results: list[dict], root: pathlib.Path, title: str) -> None:
     plt.close(fig)
 
 
-def report(root: pathlib.Path, title: str) -> list[dict]:
+def report(root: pathlib.Path, title: str, paper: bool = False) -> list[dict]:
+    """Writes the table, figure and numbers of the finished runs under `root`; `paper`: the
+    paper's Table 6 beside them (the `paper` preset only)."""
     results = collect(root)
     if not results:
         raise SystemExit(f"degradation: error: no finished runs under {root}: run without "
                          "--plot-only first")
-    rows = table(results)
-    write_table(rows, root, title)
+    rows = table(results, paper)
+    failed = [r for r in results if not r["summary"].get("converged", True)]
+    write_table(rows, root, title, setup=setup_text(results), failed=failed, paper=paper)
     plot(results, root, title)
     (root / "degradation.json").write_text(json.dumps(
         {"title": title, "table": rows,
          "runs": [{k: r[k] for k in ("name", "depth", "residual", "seed", "summary")}
-                  for r in results]}, indent=2) + "\n")
+                  for r in results], "failed_runs": failures(root),
+         "not_converged_runs": [r["name"] for r in failed],
+         "paper_table6": {"source": PAPER_SCALE, "test_error": PAPER_TABLE6}},
+        indent=2) + "\n")
     print((root / "degradation.md").read_text())
     return rows
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="digits")
+    parser = ArgumentParser("experiments.degradation", __doc__)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="digits",
+                        help="paper (GPU/TPU), cifar-cpu (an hour on 2 cores), digits (offline, "
+                             "minutes), smoke (seconds); the module docstring has each")
     parser.add_argument("--root", required=True, help="directory of the sweep's runs and outputs")
     parser.add_argument("--dataset", help="override the preset's dataset, e.g. folder:/data/c10")
     parser.add_argument("--processes", type=int, default=1, help="runs trained at once")
@@ -240,6 +343,7 @@ def main(argv=None) -> int:
     root = pathlib.Path(args.root)
     dataset = args.dataset or preset.dataset
     title = args.title or f"Plain vs residual nets, {dataset} ({args.preset} preset)"
+    paper = args.preset == "paper"  # the only scale at which the paper's numbers compare
     runs = preset.runs(dataset)
     if args.list:
         print("\n".join(run.name for run in runs))
@@ -250,12 +354,18 @@ def main(argv=None) -> int:
                   f"preset has runs 0 to {len(runs) - 1} (see --list)", file=sys.stderr)
             return 2
         runs = [runs[args.index]]
-    if not args.plot_only:
-        status = run_sweep_command("degradation", runs, root, processes=args.processes,
-                                   seeds_per_program=args.seeds_per_program)
-        if status or args.index is not None:
-            return status
-    report(root, title)
+    from resnet_jax.train import ConfigError  # late: --list needs no JAX
+
+    try:
+        if not args.plot_only:  # a report also after failed runs: degradation.json names them
+            return run_sweep_command("degradation", runs, root, processes=args.processes,
+                                     seeds_per_program=args.seeds_per_program,
+                                     report=None if args.index is not None else
+                                     lambda: report(root, title, paper))
+        report(root, title, paper)
+    except ConfigError as e:  # a run's damaged config.json or summary.json
+        print(f"degradation: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

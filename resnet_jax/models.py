@@ -235,6 +235,29 @@ def layer_response_stds(model: "ResNet", images: jax.Array) -> list[float]:
     return [float(v) for v in forward(model, images, train=False)[1]["response_std"]]
 
 
+def precise_batch_stats(model: nnx.Module, batches) -> None:
+    """Sets every batch-norm layer's running statistics to the plain average of its batch
+    statistics over `batches` (image arrays, the net in training mode, each batch weighted
+    equally): "precise BN". Running averages with momentum weight the last training steps,
+    taken with weights that then moved on; in a net that did not train they can be far from
+    what its layers see (eval-mode responses of 1e8 in a plain-110 on digits). Each batch
+    should be as large as a training batch-norm group."""
+    probe = nnx.clone(model)
+    for _, m in nnx.iter_modules(probe):
+        if isinstance(m, BatchNorm):  # momentum 0: the running statistics become the batch's
+            m.config = dataclasses.replace(m.config, momentum=0.0)
+    graphdef, params, stats, rest = nnx.split(probe, nnx.Param, nnx.BatchStat, ...)
+
+    @jax.jit
+    def batch_stats(x):
+        m = nnx.merge(graphdef, params, stats, rest, copy=True)
+        forward(m, x, train=True)
+        return nnx.state(m, nnx.BatchStat)
+
+    totals = [batch_stats(x) for x in batches]
+    nnx.update(model, jax.tree.map(lambda *v: sum(v) / len(v), *totals))
+
+
 class Shortcut(nnx.Module):
     """The paper's shortcut options (Sec. 3.3): what is added to the residual branch's output.
 
@@ -246,8 +269,8 @@ class Shortcut(nnx.Module):
     def __init__(self, cin, cout, stride, option, *, preact, bn, dtype, rngs,
                  canonical_grads=False):
         self.cin, self.cout, self.stride = cin, cout, stride
-        changes = stride != 1 or cin != cout
-        self.project = option == "C" or (option == "B" and changes)
+        self.changes_shape = stride != 1 or cin != cout
+        self.project = option == "C" or (option == "B" and self.changes_shape)
         if self.project:
             self.conv = conv(cin, cout, 1, stride, dtype, rngs, canonical_grads=canonical_grads)
             self.bn = None if preact else BatchNorm(cout, bn)
@@ -300,8 +323,11 @@ class Block(nnx.Module):
                 y = c(y)
             if self.shortcut is None:
                 return y
-            # Projections see the pre-activated input; identity shortcuts the raw input.
-            shortcut = self.shortcut(pre if self.shortcut.project else x, train=train)
+            # Where the shortcut projects or the shape changes (a stage's first block), BN-ReLU
+            # comes before the split and the shortcut too takes the pre-activated input; a pure
+            # identity takes the raw input (He et al. 2016 and its code, resnet-1k-layers).
+            shortcut = self.shortcut(
+                pre if self.shortcut.project or self.shortcut.changes_shape else x, train=train)
             sow_branch_ratio(self, y, shortcut)
             return y + shortcut
         y = x

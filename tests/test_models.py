@@ -230,12 +230,12 @@ def test_scanned_train_step_does_not_grow_with_depth():
 
     config = cifar.get_config()
     schedule = train.create_lr_schedule(config)
-    tx = train.create_optimizer(config, schedule)
+    tx = train.create_optimizer(config)
     batch = {"image": jnp.zeros((2, 16, 16, 3)), "label": jnp.zeros((2,), jnp.int32)}
 
     def convolutions(depth, scan):
         model = models.cifar_resnet(depth, scan_blocks=scan, rngs=nnx.Rngs(0))
-        graphdef, state = train.create_train_state(model, tx)
+        graphdef, state = train.create_train_state(model, tx, schedule)
         step = train.make_train_step(graphdef, tx, schedule, stage_of_block=model.stage_of_block)
         text = jax.jit(step).lower(state, batch).as_text()
         return re.findall(r"dim_numbers = (\[[^]]*\]x\[[^]]*\]->\[[^]]*\])", text)
@@ -260,3 +260,73 @@ def test_canonical_gradient_convolutions_equal_jaxs(k, stride, size):
     want = jax.jit(jax.grad(loss(jax.lax.conv_general_dilated), (0, 1)))(x, w)
     got = jax.jit(jax.grad(loss(models.conv_with_canonical_grads), (0, 1)))(x, w)
     jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def _reference_preact_block(block, x, changes):
+    """He et al. 2016's pre-activation block written out in jax.numpy / lax, from the block's
+    kernels (initial BN: scale 1, bias 0, batch statistics). Where the shape changes (and on
+    every projection) BN-ReLU comes before the split and the shortcut takes its output, as in
+    the paper's reference code (resnet-1k-layers); elsewhere the identity takes the raw input."""
+    def bn_relu(v):
+        mean, var = v.mean((0, 1, 2)), v.var((0, 1, 2))
+        return jnp.maximum((v - mean) * jax.lax.rsqrt(var + 1e-5), 0.0)
+
+    def conv(v, c):
+        w = c.kernel[...]
+        pad = w.shape[0] // 2
+        stride = c.strides if isinstance(c.strides, tuple) else (c.strides,) * 2
+        return jax.lax.conv_general_dilated(v, w, stride, [(pad, pad)] * 2,
+                                            dimension_numbers=models.NHWC_HWIO)
+
+    pre = bn_relu(x)
+    y = conv(pre, block.convs[0])
+    for c in block.convs[1:]:
+        y = conv(bn_relu(y), c)
+    if block.shortcut.project:
+        return y + conv(pre, block.shortcut.conv)
+    s = block.shortcut.stride
+    source = pre if changes else x
+    source = source[:, ::s, ::s, :]
+    return y + jnp.pad(source, ((0, 0), (0, 0), (0, 0), (0, y.shape[-1] - source.shape[-1])))
+
+
+@pytest.mark.parametrize("shortcut, cin, cout, stride, bottleneck", [
+    ("A", 4, 8, 2, False),  # a stage's first block: subsample and zero-pad
+    ("A", 4, 16, 1, True),  # ResNet-164's first block with option A: channels only
+    ("A", 8, 8, 1, False),  # identity: the raw input
+    ("B", 4, 8, 2, False),
+    ("C", 8, 8, 1, False),
+])
+def test_preact_shortcut_takes_the_preactivated_input_where_the_shape_changes(
+        shortcut, cin, cout, stride, bottleneck):
+    block = models.Block(cin, cout, stride, bottleneck=bottleneck, residual=True,
+                         shortcut=shortcut, preact=True, bn=models.BatchNormConfig(),
+                         dtype=jnp.float32, rngs=nnx.Rngs(0))
+    # Far from zero mean and unit variance, so that BN-ReLU changes the input a lot.
+    x = 3.0 * jax.random.normal(jax.random.key(0), (4, 8, 8, cin)) + 1.0
+    want = _reference_preact_block(block, x, changes=stride != 1 or cin != cout)
+    got, _ = nnx.capture(block, nnx.Intermediate)(x, train=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_precise_batch_stats_average_the_batch_statistics_without_momentum(scan):
+    """Stale running statistics (here nonsense) replaced by the plain average of the batch
+    statistics in training mode: over one batch, evaluation mode then computes exactly what
+    training mode computes on it; over two, the stem's are the mean of the two batches'."""
+    model = models.cifar_resnet(14, scan_blocks=scan, rngs=nnx.Rngs(0))
+    stale = jax.tree.map(lambda v: jnp.full_like(v, 1e3), nnx.state(model, nnx.BatchStat))
+    nnx.update(model, stale)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 8, 3))
+    models.precise_batch_stats(model, [x[0]])
+    train_logits, _ = models.forward(nnx.clone(model), x[0], train=True)
+    eval_logits, _ = models.forward(model, x[0], train=False)
+    np.testing.assert_allclose(eval_logits, train_logits, rtol=1e-4, atol=1e-4)
+    models.precise_batch_stats(model, list(x))
+    stem = [model.stem(b) for b in x]
+    np.testing.assert_allclose(model.stem_bn.mean[...],
+                               np.mean([s.mean((0, 1, 2)) for s in stem], 0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.stem_bn.var[...],
+                               np.mean([s.var((0, 1, 2)) for s in stem], 0), rtol=1e-4)
+    # The model's own momentum is kept for training.
+    assert model.stem_bn.config.momentum == 0.9

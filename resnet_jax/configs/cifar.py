@@ -8,8 +8,12 @@ folder:<path>), seed. Every number below is a config key: override with --config
 
 Recipe (Sec. 4.2): SGD, momentum 0.9, lr 0.1 divided by 10 at 32k and 48k iterations, 64k in
 total, weight decay 1e-4, global batch 128, 4-pixel pad + random crop + horizontal flip, per-pixel
-mean subtraction. ResNet-110 warms up at lr 0.01 for 400 iterations (`warmup_steps=400`).
-Expected test error on CIFAR-10 (Table 6): ResNet-20/32/44/56/110 8.75/7.51/7.17/6.97/6.43 %.
+mean subtraction. ResNet-110 (and deeper) warms up at lr 0.01 until the training error is below
+80 % (`warmup_until_error=80`, about 400 iterations in the paper). Batch-norm statistics: over the
+whole global batch here; the paper's 2 GPUs x 64 images are `bn_group_size=64`, which the
+degradation experiment's `paper` preset sets. Expected test error on CIFAR-10 (Table 6):
+ResNet-20/32/44/56 8.75/7.51/7.17/6.97 % (one run each), ResNet-110 6.43 % (best of 5 runs;
+6.61 +- 0.16 % mean).
 """
 
 import ml_collections
@@ -59,8 +63,15 @@ def get_config(arg=None):
     c.learning_rate = 0.1
     c.lr_boundaries_steps = (32_000, 48_000)
     c.lr_decay_factor = 0.1
-    # The paper's ResNet-110 warms up at lr 0.01 for 400 iterations (training error < 80 %).
-    c.warmup_steps = 400 if c.depth >= 110 else 0
+    # Warm-up (train.LrSchedule): the paper's ResNet-110 trains at lr 0.01 "until the training
+    # error is below 80 % (about 400 iterations)", then at 0.1. With warmup_until_error > 0 the
+    # warm-up ends after the first step at which the mean error of the last
+    # warmup_error_window_steps batches is below it, at warmup_steps at the latest (a cap, here
+    # 5x the paper's 400); with warmup_until_error = 0 it lasts exactly warmup_steps.
+    deep = c.depth >= 110
+    c.warmup_until_error = 80.0 if deep else 0.0
+    c.warmup_steps = 2_000 if deep else 0
+    c.warmup_error_window_steps = 20
     c.warmup_learning_rate = 0.01
     c.momentum = 0.9
     c.weight_decay = 1e-4
@@ -80,7 +91,10 @@ def get_config(arg=None):
     c.eval_subset = 0  # 0 = every evaluation uses the whole split
     c.checkpoint_every_steps = 2_000
     c.keep_checkpoints = 2
-    # A run whose final training error is above this is reported as not converged (e.g. the
-    # paper's plain-110 and 1202-layer failures) instead of being averaged in silently.
-    c.max_converged_train_error = 80.0
+    # "Not converged" means what the paper's failed runs are: the net did not train. A run is
+    # reported so (summary.json `converged: false`, listed apart from the means) when its final
+    # training error (the mean over the last logging window) is at least this fraction of
+    # chance-level error, 100 x (1 - 1/classes): 81 % on 10 classes, 89.1 % on 100. A net that
+    # trains, however badly (the degradation of deep plain nets), has converged.
+    c.not_converged_fraction_of_chance = 0.9
     return c
