@@ -2,17 +2,21 @@
 
 Orbax writes each step into a temporary directory and renames it when complete, so a killed
 process never leaves a checkpoint that looks finished. Restoring walks back from the newest step
-and says so when it has to skip a damaged one. `PreemptionWatch` turns a preemption notice
-(SIGTERM) into a checkpoint and a clean stop (tests/test_faults.py).
+and says so when it has to skip a damaged one; a checkpoint of a different setup is not damage,
+and is refused. `WorkdirLock` keeps a second trainer out of a workdir in use. `PreemptionWatch`
+turns a preemption notice (SIGTERM) or an interrupt (SIGINT, Ctrl-C) into a checkpoint and a
+clean stop (tests/test_faults.py).
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
+import os
 import pathlib
-import re
 import signal
+import socket
 import threading
 
 import jax
@@ -23,9 +27,28 @@ from jax.experimental import multihost_utils
 log = logging.getLogger(__name__)
 
 
+class RestoreError(ValueError):
+    """Checkpoints that exist but cannot be resumed from here. str(e) is one line."""
+
+
+class SetupMismatch(RestoreError):
+    """A checkpoint of another model or dataset (other shapes or structure): not damage."""
+
+
+class NoneReadable(RestoreError):
+    """Checkpoints exist, and none of them can be read."""
+
+
+# What a failed checkpoint write says, as Orbax and TensorStore word it, and its errno.
+WRITE_FAILURES = {"No space left on device": errno.ENOSPC, "File too large": errno.EFBIG,
+                  "Permission denied": errno.EACCES, "Read-only file system": errno.EROFS,
+                  "Disk quota exceeded": errno.EDQUOT}
+
+
 class Checkpointer:
-    def __init__(self, directory: pathlib.Path, *, keep: int):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+    def __init__(self, directory: pathlib.Path, *, keep: int, read_only: bool = False):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                               read_only=read_only,
                                                enable_async_checkpointing=False)
         self.directory = directory.absolute()
         self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -40,40 +63,158 @@ class Checkpointer:
             self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - Orbax and TensorStore wrap OS errors variously
-            reason = re.search(r"(No space left on device|File too large|Permission denied|"
-                               r"Read-only file system|Disk quota exceeded)", str(e))
-            raise OSError(errno.EIO, f"checkpoint {step} was not written "
-                          f"({reason.group(1) if reason else type(e).__name__})",
-                          str(self.directory)) from e
+            # The reason's own errno, so that the CLI reports it as the failed write it is.
+            reason = next((r for r in WRITE_FAILURES if r in str(e)), None)
+            raise OSError(WRITE_FAILURES.get(reason, errno.EIO), f"checkpoint {step} was not "
+                          f"written ({reason or type(e).__name__})", str(self.directory)) from e
 
-    def restore_latest(self, target):
-        """The newest checkpoint that restores, with `target`'s structure and shardings.
+    def read_latest(self, target, steps: tuple[int, ...] | None = None):
+        """(step, state, unreadable): the newest checkpoint that restores, with `target`'s
+        structure and shardings ((None, None, ...) when none does), and the newer steps that
+        could not be read, each reported. Moves nothing: analyses use this directly. With
+        `steps`, only those are tried.
 
-        Returns None when there is none. A damaged newer step is reported and moved aside to
-        `<step>.damaged` (kept for inspection, out of the way of the step's next save).
+        Raises SetupMismatch when a checkpoint that fails to restore holds other shapes or
+        another structure than `target`: a changed dataset or model, not damage.
         """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        restored, damaged = None, []
-        for step in sorted(self.manager.all_steps(), reverse=True):
+        unreadable = []
+        for step in sorted((s for s in self.manager.all_steps() if steps is None or s in steps),
+                           reverse=True):
             try:
-                restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
-                break
-            except Exception as e:  # noqa: BLE001 - any failure to read means "damaged"
-                damaged.append(step)
+                return (step, self.manager.restore(step, args=ocp.args.StandardRestore(abstract)),
+                        unreadable)
+            except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise variously
+                difference = self._difference(step, abstract)
+                if difference:
+                    raise SetupMismatch(f"checkpoint {step}: {difference}") from e
+                unreadable.append(step)
                 print(f"checkpoint {step} could not be read ({type(e).__name__}: "
                       f"{str(e).splitlines()[0][:200]}); falling back to the previous one",
                       flush=True)
+        return None, None, unreadable
+
+    def _difference(self, step: int, abstract) -> str | None:
+        """The first array of checkpoint `step` whose shape or dtype differs from `abstract`'s,
+        or one only either has; None when they agree or the step's metadata cannot be read (then
+        the step is damaged). Asked only of a step that failed to restore, so a comparison that
+        misses a subtlety of Orbax's tree can never refuse a checkpoint that restores."""
+        try:
+            metadata = self.manager.item_metadata(step)
+            stored = _shapes(getattr(metadata, "tree", metadata))  # TreeMetadata in newer Orbax
+        except Exception:  # noqa: BLE001 - unreadable metadata is damage
+            return None
+        wanted = _shapes(abstract)
+        if not stored:
+            return None
+        for path in [*wanted, *sorted(stored.keys() - wanted.keys())]:  # parameters first
+            have, need = stored.get(path, "absent"), wanted.get(path, "absent")
+            if have != need:
+                return f"{path} is {have} where this setup has {need}"
+        return None
+
+    def restore_latest(self, target, *, restart: bool = False):
+        """The newest checkpoint that restores, with `target`'s structure and shardings.
+
+        Returns None when there is none. A damaged newer step is reported and moved aside to
+        `<step>.damaged` (kept for inspection, out of the way of the step's next save). Raises
+        SetupMismatch for a checkpoint of another setup, and NoneReadable when checkpoints exist
+        but none can be read, unless `restart`: then all are moved aside and None is returned.
+        Nothing is moved when it raises.
+        """
+        _, restored, damaged = self.read_latest(target)
+        if restored is None and damaged and not restart:
+            raise NoneReadable(f"no checkpoint in {self.directory} could be read (tried "
+                               f"{', '.join(map(str, damaged))})")
         if damaged:
             if jax.process_index() == 0:
                 for step in damaged:
-                    path = self.directory / str(step)
-                    path.rename(path.with_name(f"{step}.damaged"))
+                    path, n = self.directory / str(step), 0
+                    aside = path.with_name(f"{step}.damaged")
+                    while aside.exists():  # set aside before, at an earlier save of this step
+                        n += 1
+                        aside = path.with_name(f"{step}.damaged.{n}")
+                    path.rename(aside)
             multihost_utils.sync_global_devices("checkpoint: damaged steps moved aside")
             self.manager.reload()
         return restored
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _shapes(tree) -> dict[str, str]:
+    """'params/head/kernel' -> 'float32 (64, 10)', for each array of a tree of arrays,
+    ShapeDtypeStructs or Orbax metadata."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+        if keys and keys[-1] == "value":  # nnx.Variable's field: no part of the name
+            keys.pop()
+        out["/".join(keys)] = f"{np.dtype(leaf.dtype).name} {tuple(leaf.shape)}"
+    return out
+
+
+class WorkdirBusy(RuntimeError):
+    """Another trainer holds the workdir. str(e) is one line naming it."""
+
+
+class WorkdirLock:
+    """Holds `WORKDIR/train.lock` for a run's life: a second trainer on the workdir is refused,
+    with the first one's pid and host, instead of both writing every step twice.
+
+    `fcntl.flock` on an open file: the kernel releases it when the process ends, however it ends
+    (kill -9 included), so no stale lock is ever left to clear. Only process 0 locks, as only it
+    writes; the others learn its answer. Linux emulates flock on NFS with POSIX locks, which the
+    NFS lock manager shares between hosts; a mount without working locks cannot guard a workdir:
+    NFS mounted with `nolock` locks per host only, without a word, and where flock fails (some
+    FUSE mounts) a warning is printed and the run goes on unguarded.
+    """
+
+    def __init__(self, workdir: pathlib.Path):
+        self.path, self._file, holder = workdir / "train.lock", None, ""
+        if jax.process_index() == 0:
+            holder = self._acquire()
+        if jax.process_count() > 1:  # every process stops, not only process 0
+            busy = multihost_utils.broadcast_one_to_all(np.int32(bool(holder)))
+            holder = holder or ("another trainer (see process 0's log)" if busy else "")
+        if holder:
+            raise WorkdirBusy(f"workdir {workdir} is in use by another trainer ({holder}): "
+                              "wait for it to end, or use a new --workdir")
+
+    def _acquire(self) -> str:
+        """Takes the lock and writes who holds it; returns "" or the holder that has it."""
+        file = self.path.open("a+")
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "pid unknown"
+            file.close()
+            return holder
+        except OSError as e:
+            file.close()
+            print(f"warning: cannot lock {self.path} ({e.strerror}): nothing keeps a second "
+                  "trainer out of this workdir", flush=True)
+            return ""
+        file.truncate(0)
+        file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        file.flush()
+        self._file = file
+        return ""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Releases the lock; the file stays (removing it would let a trainer that opened it
+        lock a file no longer there)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def read(directory: str | pathlib.Path, step: int):
@@ -89,31 +230,41 @@ def read(directory: str | pathlib.Path, step: int):
 
 
 class Preempted(Exception):
-    """Training stopped on a preemption notice after checkpointing `step`."""
+    """Training stopped on a preemption notice (SIGTERM) or an interrupt (SIGINT, Ctrl-C) after
+    checkpointing `step`; the CLI exits with 128 + `signum`, as a shell reports a signal."""
 
-    def __init__(self, step: int, workdir: pathlib.Path):
-        super().__init__(f"preempted (SIGTERM) at step {step}: checkpoint saved in {workdir}; "
-                         "rerun the same command to continue")
-        self.step = step
+    def __init__(self, step: int, workdir: pathlib.Path, signum: int = signal.SIGTERM):
+        what = "interrupted" if signum == signal.SIGINT else "preempted"
+        super().__init__(f"{what} ({signal.Signals(signum).name}) at step {step}: checkpoint "
+                         f"saved in {workdir}; rerun the same command to continue")
+        self.step, self.signum = step, signum
 
 
 class PreemptionWatch:
-    """Whether a preemption notice (SIGTERM) has arrived, asked once per step by every process.
+    """Whether a preemption notice (SIGTERM) or an interrupt (SIGINT) has arrived, asked once per
+    step by every process; `signum` is the signal this process got (SIGTERM if none).
 
-    One process: a SIGTERM handler sets a flag. Several: JAX's preemption service (started by
+    One process: a handler sets a flag. Several: JAX's preemption service (started by
     `jax.distributed.initialize`) picks one step at which all of them stop together; processes
     stopping at different steps on their own would leave the others waiting in a collective.
+    That service listens for SIGTERM only, so a SIGINT is passed on to it as one.
     """
 
     def __init__(self):
         self.multi_process = jax.process_count() > 1
         self.noticed = False
-        self._previous = None
-        if not self.multi_process and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.signum = signal.SIGTERM
+        self._previous = {}
+        signals = (signal.SIGINT,) if self.multi_process else (signal.SIGTERM, signal.SIGINT)
+        if threading.current_thread() is threading.main_thread():
+            for signum in signals:
+                self._previous[signum] = signal.signal(signum, self._on_signal)
 
-    def _on_sigterm(self, signum, frame):
-        self.noticed = True
+    def _on_signal(self, signum, frame):
+        if not self.noticed:
+            self.noticed, self.signum = True, signum
+        if self.multi_process:
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def reached(self, step: int) -> bool:
         if self.multi_process:
@@ -121,6 +272,6 @@ class PreemptionWatch:
         return self.noticed
 
     def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}

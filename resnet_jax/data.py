@@ -20,6 +20,8 @@ import hashlib
 import os
 import pathlib
 import tempfile
+import warnings
+import zipfile
 from collections.abc import Callable, Iterator
 
 import jax
@@ -135,10 +137,13 @@ def _tfds(name: str, data_dir: str | None) -> tuple[int, Split, Split]:
     # the dataset, which needs TensorFlow and the internet.
     if not builder.is_prepared() or "array_record" not in formats:
         where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")  # tfds default
+        build = f"tfds build {name} --file_format=array_record" + (
+            f" --data_dir={data_dir}" if data_dir else "")
         raise DataError(
-            f"{name} is not prepared as array_record in {where}: on a machine with internet run  "
-            f"pip install 'resnet_jax[prepare]' && tfds build {name} --file_format=array_record  "
-            "(then copy ~/tensorflow_datasets here or pass --config.tfds_data_dir)")
+            f"{name} is not prepared as array_record in {where}: on a machine with internet, in "
+            f"the resnet_jax checkout, run  pip install -e '.[prepare]' && {build}  (then copy "
+            f"{where} to this machine, or pass --config.tfds_data_dir=<its copy>); offline, train "
+            "on the bundled dataset=digits or on an image-folder copy, dataset=folder:<path>")
 
     def read():
         sources = tfds.data_source(name, split=["train", "test"], data_dir=data_dir, download=False)
@@ -190,14 +195,14 @@ def _list_split(root: pathlib.Path, split: str) -> dict[str, list[str]]:
     if not top.is_dir():
         raise DataError(f"{root} has no {split}/ folder: expected {top}/<class>/<image>")
     # Hidden folders (.ipynb_checkpoints, ...) are tool litter, not classes.
-    classes = sorted(e.name for e in os.scandir(top) if e.is_dir() and not e.name.startswith("."))
+    classes = sorted(e.name for e in _scandir(top) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise DataError(f"{top} has no class folders: expected {top}/<class>/<image>")
     listing = {}
     for c in classes:
         # os.scandir and str paths, not pathlib: pathlib costs ~1 s per 60k files, more than the
         # rest of a cached load.
-        listing[c] = sorted(e.path for e in os.scandir(top / c)
+        listing[c] = sorted(e.path for e in _scandir(top / c)
                             if os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES)
         if not listing[c]:
             raise DataError(f"class folder {top / c} has no images ({', '.join(IMAGE_SUFFIXES)}): "
@@ -205,12 +210,37 @@ def _list_split(root: pathlib.Path, split: str) -> dict[str, list[str]]:
     return listing
 
 
+def _scandir(path: pathlib.Path) -> list[os.DirEntry]:
+    try:
+        return list(os.scandir(path))
+    except OSError as e:
+        raise _read_error(path, e) from None
+
+
+def _read_error(path, e: OSError) -> DataError:
+    """A file or folder of the dataset that the system would not let us read."""
+    if isinstance(e, FileNotFoundError) and os.path.islink(path):
+        return DataError(f"cannot read {path} (a broken symbolic link): repair or delete it")
+    return DataError(f"cannot read {path} ({e.strerror or type(e).__name__}): make it readable "
+                     "or delete it")
+
+
 def _decode(path: str) -> np.ndarray:
+    """One image as RGB uint8; call it where Pillow's DecompressionBombWarning is an error
+    (`_decode_all`), so that an oversized image is refused rather than decoded."""
     try:
         with Image.open(path) as image:
             # Grayscale too: folder datasets are always RGB. convert() copies, so skip it if we can.
             return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as e:  # What Pillow raises for broken files.
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise DataError(f"image {path} has more pixels than Pillow's limit against decompression "
+                        f"bombs ({Image.MAX_IMAGE_PIXELS:,}): resize it") from None
+    except OSError as e:
+        if e.errno is not None:  # the system refused the file; Pillow's own errors carry no errno
+            raise _read_error(path, e) from None
+        raise DataError(f"cannot decode image {path} ({type(e).__name__}): "
+                        "replace or delete it") from e
+    except (SyntaxError, ValueError) as e:  # What Pillow raises for broken files.
         raise DataError(f"cannot decode image {path} ({type(e).__name__}): "
                         "replace or delete it") from e
 
@@ -220,14 +250,17 @@ def _decode_all(paths: list[str]) -> np.ndarray:
     threads (the GIL) nor processes (measured on CIFAR-10: 17 s serial, 17-22 s with 2 workers)
     did better on 2 cores. The cache makes it a one-time cost."""
     first = paths[0]
-    shape = _decode(first).shape
-    out = np.empty((len(paths), *shape), np.uint8)
-    for i, path in enumerate(paths):
-        image = _decode(path)
-        if image.shape != shape:
-            raise DataError(f"{path} is {image.shape[1]}x{image.shape[0]} pixels but {first} is "
-                            f"{shape[1]}x{shape[0]}: all images must share one size (resize them)")
-        out[i] = image
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        shape = _decode(first).shape
+        out = np.empty((len(paths), *shape), np.uint8)
+        for i, path in enumerate(paths):
+            image = _decode(path)
+            if image.shape != shape:
+                raise DataError(f"{path} is {image.shape[1]}x{image.shape[0]} pixels but {first} "
+                                f"is {shape[1]}x{shape[0]}: all images must share one size "
+                                "(resize them)")
+            out[i] = image
     return out
 
 
@@ -236,7 +269,10 @@ def _fingerprint(root: pathlib.Path, files: list[str]) -> str:
     root = str(root)
     h = hashlib.sha256(f"v{_CACHE_VERSION} {root}".encode())
     for f in files:  # All under root; slicing is much faster than os.path.relpath.
-        st = os.stat(f)
+        try:
+            st = os.stat(f)
+        except OSError as e:
+            raise _read_error(f, e) from None
         h.update(f"\n{f[len(root):]} {st.st_size} {st.st_mtime_ns}".encode())
     return h.hexdigest()[:24]
 
@@ -245,20 +281,32 @@ def _cached(stem: str, build: Callable[[], tuple[int, Split, Split]]) -> tuple[i
     """Returns the cached (num_classes, train, test) for `stem`, calling `build` on a miss."""
     path = cache_dir() / f"{stem}.npz"
     if path.exists():
-        with np.load(path) as z:
-            return (int(z["num_classes"]), Split(z["train_images"], z["train_labels"]),
-                    Split(z["test_images"], z["test_labels"]))
+        try:
+            with np.load(path) as z:
+                return (int(z["num_classes"]), Split(z["train_images"], z["train_labels"]),
+                        Split(z["test_images"], z["test_labels"]))
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+            # Writes are atomic, so this is damage from outside (a cut copy, a failing disk);
+            # the rebuilt cache replaces it.
+            print(f"discarding the unreadable data cache {path} ({type(e).__name__}); "
+                  "decoding the dataset again", flush=True)
     num_classes, train, test = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside the target, then renamed: an interrupted write never leaves a partial cache.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Written beside the target, then renamed: an interrupted write never leaves a partial
+        # cache.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             np.savez(f, num_classes=num_classes, train_images=train.images,
                      train_labels=train.labels, test_images=test.images, test_labels=test.labels)
         os.replace(tmp, path)
+    except OSError as e:
+        raise DataError(f"cannot write the data cache {path} ({e.strerror or e}): set "
+                        "$RESNET_JAX_CACHE to a directory you can write to, or free space"
+                        ) from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
     return num_classes, train, test
 
@@ -345,7 +393,7 @@ class DeviceFeed:
 
     def __init__(self, ds: Dataset, config, backend, seeds: tuple[int, ...] = ()):
         self.num_classes, self.in_channels = ds.num_classes, ds.train.images.shape[-1]
-        self.num_train = len(ds.train.labels)
+        self.num_train, self.image_shape = len(ds.train.labels), ds.train.images.shape[1:]
         replicate = functools.partial(jax.device_put, device=backend.replicated)
         self._images, self._labels = replicate(ds.train.images), replicate(ds.train.labels)
         self.mean = replicate(mean_image(ds.train.images))

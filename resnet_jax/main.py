@@ -2,6 +2,8 @@
 
     resnet-jax train   --config=resnet_jax/configs/cifar.py:depth=56,residual=false --workdir=DIR
     resnet-jax summary [--config=...] [--json]
+    resnet-jax eval    --workdir=DIR [--step=N] [--dataset=NAME]
+    resnet-jax --help, resnet-jax COMMAND --help: the commands, a command's flags
 
 Config flags are ml_collections': `--config=FILE[:ARGS]` then `--config.KEY=VALUE` overrides.
 Bad input ends in one line naming the problem and the fix, with exit status 2.
@@ -10,18 +12,36 @@ Bad input ends in one line naming the problem and the fix, with exit status 2.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import errno
 import json
 import pathlib
 import re
 import sys
+import textwrap
+from collections.abc import Callable
 
 from absl import flags
 from ml_collections import config_flags
 
-USAGE = ("usage: resnet-jax train --config=FILE[:ARGS] --workdir=DIR [--config.KEY=VALUE ...]\n"
-         "       resnet-jax summary [--config=FILE[:ARGS]] [--json]\n"
-         "       resnet-jax bench --config=FILE[:ARGS] [--depths=20,56,110] [--seeds=1,8] "
-         "[--steps=20] [--json]")
+# Every flag of every command: name -> (absl DEFINE_*, default, value shown in help, help line).
+# Each command defines only its own (COMMANDS), so that another command's flag is refused.
+FLAGS = {
+    "config": (None, None, "FILE[:ARGS]", "config file and get_config's arguments, e.g. "
+               "resnet_jax/configs/cifar.py:depth=56,residual=false; then --config.KEY=VALUE"),
+    "workdir": (flags.DEFINE_string, None, "DIR", "the run's directory: config.json, "
+                "metrics.jsonl, checkpoints/, tensorboard/, summary.json"),
+    "json": (flags.DEFINE_bool, False, "", "print one JSON object instead of a table"),
+    "depths": (flags.DEFINE_list, [], "D,D,...", "these depths instead of the config's"),
+    "seeds": (flags.DEFINE_list, [], "K,K,...", "also time K seeds trained at once in one "
+              "program, for each K given (e.g. 1,8)"),
+    "steps": (flags.DEFINE_integer, 20, "N", "timed steps per net (default 20)"),
+    "step": (flags.DEFINE_integer, None, "N", "the checkpoint to evaluate (default: the latest)"),
+    "restart": (flags.DEFINE_bool, False, "", "when the workdir's checkpoints exist but none "
+                "can be read, set them aside (<step>.damaged) and train from step 0"),
+    "dataset": (flags.DEFINE_string, None, "NAME", "evaluate on this dataset instead of the "
+                "run's: same classes and image shape, e.g. folder:/data/cifar10.1"),
+}
 CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
 
 class UsageError(Exception):
@@ -40,24 +60,24 @@ def _resolve_config_path(argv: list[str]) -> list[str]:
     return out
 
 
-def _parse(argv: list[str]):
-    """Fresh flags per call (so tests can call main() repeatedly): (config or None, flags)."""
+def _parse(argv: list[str], command: str):
+    """`command`'s flags, fresh per call (so tests can call main() repeatedly): (config or None,
+    flags). An argument that is not a flag is refused: absl would return it unused."""
     argv = ["resnet-jax", *_resolve_config_path(argv)]
     fv = flags.FlagValues()
-    config_flag = config_flags.DEFINE_config_file(
-        "config", None, "Config file, e.g. resnet_jax/configs/cifar.py:depth=56,residual=false",
-        flag_values=fv, lock_config=True, sys_argv=argv)
-    flags.DEFINE_string("workdir", None, "Run directory: config, metrics, checkpoints, summary.",
-                        flag_values=fv)
-    flags.DEFINE_bool("json", False, "summary, bench: print one JSON object.", flag_values=fv)
-    flags.DEFINE_list("depths", [], "bench: these depths instead of the config's.",
-                      flag_values=fv)
-    flags.DEFINE_integer("steps", 20, "bench: timed steps per net.", flag_values=fv)
-    flags.DEFINE_list("seeds", [], "bench: also time K seeds trained at once in one program, "
-                      "for each K given (e.g. 1,8).", flag_values=fv)
+    config_flag = None
+    for name in COMMANDS[command].flags:
+        define, default, _, help_ = FLAGS[name]
+        if name == "config":
+            config_flag = config_flags.DEFINE_config_file(
+                name, None, help_, flag_values=fv, lock_config=True, sys_argv=argv)
+        else:
+            define(name, default, help_, flag_values=fv)
     try:
-        fv(argv)
-        config = config_flag.value
+        stray = fv(argv)[1:]
+        if stray:
+            raise UsageError(_stray_message(stray, command))
+        config = config_flag.value if config_flag is not None else None
         if config is not None:
             config.keys()  # a config file that failed to load raises only when first used
         return config, fv
@@ -74,6 +94,12 @@ def _parse(argv: list[str]):
             f"config key {key.group(0) if key else text!r} does not exist"
             + (f" (did you mean {hint.group(1)!r}?)" if hint else "")
             + ": use a key of the config file (resnet_jax/configs/)") from None
+    except flags.UnrecognizedFlagError as e:
+        owners = [n for n, c in COMMANDS.items() if e.flagname in c.flags]
+        raise UsageError(
+            f"unknown flag --{e.flagname}"
+            + (f" (a flag of {' and '.join(owners)})" if owners else "")
+            + f": see resnet-jax {command} --help") from None
     except flags.Error as e:
         # An override names its flag in the outer message; an error raised inside get_config
         # arrives wrapped, and its innermost cause says what is wrong.
@@ -87,29 +113,45 @@ def _parse(argv: list[str]):
         raise UsageError(text.splitlines()[-1] if text else str(e).splitlines()[0]) from None
 
 
+def _stray_message(stray: list[str], command: str) -> str:
+    """`train ... total_steps=100` would otherwise train all 64k steps: name the argument, and
+    the flag it was probably meant to be."""
+    key, is_pair, _ = stray[0].partition("=")
+    if is_pair and key in COMMANDS[command].flags:
+        hint = f"did you mean --{stray[0]}?"
+    elif is_pair and "config" in COMMANDS[command].flags:
+        hint = f"config keys are set as --config.{stray[0]}"
+    else:
+        hint = f"resnet-jax {command} takes flags only (resnet-jax {command} --help)"
+    return (f"unexpected argument{'s' * (len(stray) > 1)} {', '.join(map(repr, stray))}: "
+            + hint)
+
+
 def _train(argv) -> int:
-    config, fv = _parse(argv)
+    config, fv = _parse(argv, "train")
     if config is None or fv.workdir is None:
         raise UsageError("train needs --config=FILE[:ARGS] and --workdir=DIR, e.g. "
                          "--config=resnet_jax/configs/cifar.py:depth=20 --workdir=runs/r20")
     from resnet_jax import parallel, train  # imported late: JAX starts only when there is work
 
     parallel.initialize_distributed()  # a no-op unless launched as several processes (launch/)
-    train.train_and_evaluate(config, fv.workdir)
+    parallel.use_compilation_cache()
+    train.train_and_evaluate(config, fv.workdir, restart=fv.restart)
     return 0
 
 
 def _summary(argv) -> int:
-    config, fv = _parse(argv)
+    config, fv = _parse(argv, "summary")
     from resnet_jax import summary
 
     if config is None:
         rows = summary.standard_nets()
         if fv.json:
-            print(json.dumps({"nets": rows}))
-        else:
-            print(summary.format_table(rows, ["name", "family", "weighted_layers", "params",
-                                              "macs"]))
+            print(json.dumps({"nets": list(rows)}))
+        else:  # a row as each net is counted
+            for line in summary.table_lines(rows, ["name", "family", "weighted_layers", "params",
+                                                   "macs"], summary.STANDARD_WIDTHS):
+                print(line, flush=True)
         return 0
     info = summary.describe_config(config)
     if fv.json:
@@ -123,7 +165,7 @@ def _summary(argv) -> int:
 
 
 def _bench(argv) -> int:
-    config, fv = _parse(argv)
+    config, fv = _parse(argv, "bench")
     if config is None:
         raise UsageError("bench needs --config=FILE[:ARGS], e.g. "
                          "--config=resnet_jax/configs/cifar.py:depth=20 --depths=20,56,110")
@@ -158,32 +200,179 @@ def _bench(argv) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "summary": _summary, "bench": _bench}
+def _eval(argv) -> int:
+    """The final evaluation of training (the whole test and validation splits), on a checkpoint;
+    writes only DIR/eval-<step>[-<dataset>].json."""
+    _, fv = _parse(argv, "eval")
+    if fv.workdir is None:
+        raise UsageError("eval needs --workdir=DIR of a trained run, e.g. --workdir=runs/r20")
+    import jax
+
+    from resnet_jax import data, parallel, pipeline, train
+
+    parallel.use_compilation_cache()
+    workdir = pathlib.Path(fv.workdir)
+    graphdef, state, config, ds, step = train.restore_trained(workdir, fv.step)
+    try:
+        backend = parallel.create_backend(config.parallelism, config.batch_size,
+                                          config.num_devices)
+    except ValueError as e:
+        raise train.ConfigError(str(e)) from None
+    other = fv.dataset if fv.dataset not in (None, config.dataset) else None
+    if other is None:
+        feed = train.create_feed(config, backend) if ds is None else data.DeviceFeed(
+            ds, config, backend)
+        mean = feed.mean
+    else:
+        if ds is None or pipeline.is_streamed(other):
+            raise UsageError(f"--dataset={other}: eval on another dataset needs in-memory "
+                             f"datasets (CIFAR-sized, digits, folders), not {config.dataset} "
+                             "and another streamed one")
+        evaluated = data.load(other, tfds_data_dir=config.tfds_data_dir or None)
+        have, need = ((d.num_classes, d.test.images.shape[1:]) for d in (evaluated, ds))
+        if have != need:
+            raise UsageError(
+                f"--dataset={other} has {have[0]} classes of {'x'.join(map(str, have[1]))} "
+                f"images, but the run in {workdir} learnt {need[0]} classes of "
+                f"{'x'.join(map(str, need[1]))} images ({config.dataset}): pass a dataset of "
+                "the same classes and image shape")
+        feed = data.DeviceFeed(evaluated, config, backend)
+        # The run's own preprocessing: the mean image of the set it was trained on.
+        mean = jax.device_put(data.mean_image(ds.train.images), backend.replicated)
+    eval_step = jax.jit(train.make_eval_step(graphdef), compiler_options=backend.compiler_options)
+    state = jax.device_put(state, backend.replicated)
+    result = {"step": step, "dataset": other or config.dataset}
+    try:
+        for name in feed.eval_names:
+            # As training's final evaluation sums them (train._train), so the numbers are equal.
+            loss, wrong, count = jax.device_get(
+                sum([eval_step(state, b, mean) for b in feed.eval_batches(name, whole=True)]))
+            result |= {f"{name}/error": float(100.0 * wrong / count),
+                       f"{name}/loss": float(loss / count)}
+    finally:
+        feed.close()
+    slug = "" if other is None else "-" + re.sub(r"[^\w.]+", "_", other).strip("_")
+    path = workdir / f"eval-{step}{slug}.json"
+    train._write_json(path, result)
+    print(f"step {step} on {result['dataset']}: " + ", ".join(
+        f"{name} error {result[f'{name}/error']:.2f}% (loss {result[f'{name}/loss']:.4f})"
+        for name in feed.eval_names) + f" -> {path}", flush=True)
+    return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    run: Callable[[list[str]], int]
+    usage: str
+    about: str  # one line
+    flags: tuple[str, ...]  # names in FLAGS
+    example: str
+
+
+COMMANDS = {
+    "train": Command(_train, "--config=FILE[:ARGS] --workdir=DIR [--config.KEY=VALUE ...] "
+                     "[--restart]", "train one net, resuming its --workdir if it holds a run",
+                     ("config", "workdir", "restart"),
+                     "resnet-jax train --config=resnet_jax/configs/cifar.py:depth=20,"
+                     "dataset=digits --workdir=runs/r20 --config.total_steps=400"),
+    "summary": Command(_summary, "[--config=FILE[:ARGS]] [--json]",
+                       "layers, parameters and multiply-adds of a net (no config: "
+                       "the paper's nets)", ("config", "json"),
+                       "resnet-jax summary --config=resnet_jax/configs/cifar.py:depth=56"),
+    "bench": Command(_bench, "--config=FILE[:ARGS] [--depths=20,56,110] [--seeds=1,8] "
+                     "[--steps=20] [--json]", "time the train step: images/s, compile time, FLOPs",
+                     ("config", "depths", "seeds", "steps", "json"),
+                     "resnet-jax bench --config=resnet_jax/configs/cifar.py --depths=20,56,110"),
+    "eval": Command(_eval, "--workdir=DIR [--step=N] [--dataset=NAME]",
+                    "test (and validation) error and loss of a run's checkpoint, "
+                    "written to DIR/eval-<step>.json", ("workdir", "step", "dataset"),
+                    "resnet-jax eval --workdir=runs/r20 --step=400"),
+}
+
+
+def _help(command: str | None = None) -> str:
+    if command is None:
+        return "\n".join([
+            "usage: resnet-jax COMMAND [--FLAG=VALUE ...]   (resnet-jax COMMAND --help: its flags)",
+            "", "commands:", *(f"  {name:<8} {c.about}" for name, c in COMMANDS.items()),
+            "", "examples:", *(f"  {c.example}" for c in COMMANDS.values())])
+    c = COMMANDS[command]
+    lines = [f"usage: resnet-jax {command} {c.usage}", "", c.about[0].upper() + c.about[1:] + ".",
+             "", "flags:"]
+    for name in c.flags:
+        shown = f"--{name}" + (f"={FLAGS[name][2]}" if FLAGS[name][2] else "")
+        lines += textwrap.wrap(FLAGS[name][3], 96, initial_indent=f"  {shown:<20}  ",
+                               subsequent_indent=" " * 24, break_on_hyphens=False)
+    lines += ["", "example:", f"  {c.example}"]
+    if command == "train":
+        from resnet_jax.configs import cifar
+
+        shown = lambda v: (f"({','.join(map(str, v))})" if isinstance(v, tuple)  # noqa: E731
+                           else str(v) if v != "" else "''")
+        keys = " ".join(f"{key}={shown(value)}" for key, value in cifar.get_config().items())
+        lines += ["", "config keys (--config.KEY=VALUE), with the defaults of "
+                  "resnet_jax/configs/cifar.py, which says what each means (ImageNet: "
+                  "imagenet.py):",
+                  *textwrap.wrap(keys, 96, initial_indent="  ", subsequent_indent="  ",
+                                 break_long_words=False, break_on_hyphens=False)]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("--help", "-h", "help"):
+        if argv[1:2] and argv[1] not in COMMANDS:
+            argv = argv[1:]  # an unknown command, said below
+        else:
+            print(_help(argv[1] if argv[1:2] else None))
+            return 0
     if not argv or argv[0] not in COMMANDS:
         said = f"unknown command {argv[0]!r}" if argv else "no command"
-        print(f"resnet-jax: error: {said}: use train, summary or bench\n{USAGE}", file=sys.stderr)
+        print(f"resnet-jax: error: {said}: use {', '.join(COMMANDS)} (resnet-jax --help)",
+              file=sys.stderr)
         return 2
+    if "--help" in argv or "-h" in argv:
+        print(_help(argv[0]))
+        return 0
     from resnet_jax.checkpoint import Preempted
     from resnet_jax.data import DataError
     from resnet_jax.train import ConfigError
 
     try:
-        return COMMANDS[argv[0]](argv[1:])
+        return COMMANDS[argv[0]].run(argv[1:])
     except (UsageError, ConfigError, DataError, FloatingPointError) as e:
         print(f"resnet-jax: error: {e}", file=sys.stderr)
         return 2
     except Preempted as e:
         print(f"resnet-jax: {e}", file=sys.stderr)
-        return 143  # 128 + SIGTERM: what schedulers expect of a terminated job
-    except OSError as e:  # a full disk or a directory that stopped being writable mid-run
-        print(f"resnet-jax: error: could not write {e.filename or ''}: "
-              f"{e.strerror or e}: free space or pass a --workdir you can write to; "
-              "the run's last complete checkpoint is kept", file=sys.stderr)
+        return 128 + e.signum  # 143 for SIGTERM, what schedulers expect; 130 for SIGINT
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop, which checkpoints instead
+        print("resnet-jax: interrupted (SIGINT) outside the training loop, so no checkpoint "
+              "was taken; rerun the same command to continue", file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"resnet-jax: error: {_describe_os_error(e, argv)}", file=sys.stderr)
         return 2
+
+
+# Errors only a write raises: a full disk or quota, a read-only file system, a too large file.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def _describe_os_error(e: OSError, argv: list[str]) -> str:
+    """One line for an OSError no one turned into a clearer error. A failed write (a full disk,
+    a workdir that stopped being writable mid-run) says what is kept and how to go on; anything
+    else, a read above all, names its own file and reason."""
+    name = str(e.filename or "")
+    workdir = next((b if a == "--workdir" else a.split("=", 1)[1]
+                    for a, b in zip(argv, [*argv[1:], ""])
+                    if a == "--workdir" or a.startswith("--workdir=")), "")
+    in_workdir = bool(name and workdir) and pathlib.Path(name).resolve().is_relative_to(
+        pathlib.Path(workdir).resolve())
+    if e.errno in WRITE_ERRNOS or (in_workdir and e.errno in (errno.EACCES, errno.EPERM)):
+        return (f"could not write {name or workdir}: {e.strerror or e}: free space or pass a "
+                "--workdir you can write to; the run's last complete checkpoint is kept")
+    return f"{name}: {e.strerror or e}" if name else str(e)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import pathlib
+import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -73,9 +76,41 @@ def initialize_distributed(env=os.environ) -> None:
         jax.distributed.initialize()
 
 
+def use_compilation_cache() -> str | None:
+    """Keeps every compiled program on disk, so that a resumed run, or the next run of a sweep
+    with the same net, loads its train step instead of compiling it again (JAX's persistent
+    compilation cache). The directory: $RESNET_JAX_COMPILE_CACHE, else `jax-compile` in the data
+    cache ($RESNET_JAX_CACHE, else ~/.cache/resnet_jax); RESNET_JAX_COMPILE_CACHE=off turns it
+    off. An entry is reused only for the same program, compiler options, JAX version and
+    devices (JAX's cache key), so it cannot change what is computed. A directory that cannot be
+    written is one line on stderr and no cache: the run goes on. The path, or None."""
+    from resnet_jax import data
+
+    value = os.environ.get("RESNET_JAX_COMPILE_CACHE")
+    if value == "off":
+        return None
+    path = pathlib.Path(value).expanduser() if value else data.cache_dir() / "jax-compile"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:  # else JAX warns at every compile
+        print(f"warning: compilation cache {path}: {e.strerror or e}: compiling without it; set "
+              "RESNET_JAX_COMPILE_CACHE to a directory you can write to, or to off",
+              file=sys.stderr)
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    # JAX caches only programs that took over a second to compile, and on CPU most take less.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    return str(path)
+
+
 def create_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
     """A 1-D mesh over the first `num_devices` devices (0: all of them, on every host)."""
     devices = jax.devices()
+    if num_devices < 0:  # a slice would silently take all but |num_devices| of them
+        raise ValueError(f"num_devices={num_devices} must be >= 0: set --config.num_devices to "
+                         f"the number of devices to use, at most {len(devices)} (0 = all)")
     if num_devices:
         if num_devices > len(devices):
             raise ValueError(

@@ -17,7 +17,8 @@ resumed run reads exactly what an unbroken run would have (tests/test_pipeline.p
 
 Preparing imagenet2012 (once, on a machine with the ILSVRC2012 tars; TFDS cannot download it):
     put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in ~/tensorflow_datasets/downloads/manual
-    pip install 'resnet_jax[prepare]' && tfds build imagenet2012 --file_format=array_record
+    in the checkout: pip install -e '.[prepare]'
+    tfds build imagenet2012 --file_format=array_record
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ def source(name: str, split: str, data_dir: str | None = None) -> Sequence[dict]
         raise data.DataError(
             f"{name} is not prepared as array_record in {where} ({type(e).__name__}): put "
             "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in <data_dir>/downloads/manual, "
-            f"then run  pip install 'resnet_jax[prepare]' && tfds build {name} "
-            "--file_format=array_record  (see resnet_jax/pipeline.py)") from None
+            "then, in the resnet_jax checkout, run  pip install -e '.[prepare]' && "
+            f"tfds build {name} --file_format=array_record  (see resnet_jax/pipeline.py)") from None
 
 
 def num_classes(name: str, data_dir: str | None = None) -> int:
@@ -214,7 +215,7 @@ class StreamFeed:
         self.train = source(self.name, "train", data_dir)
         self.test = source(self.name, EVAL_SPLIT[self.name], data_dir)
         self.num_classes, self.in_channels = num_classes(self.name, data_dir), 3
-        self.num_train = len(self.train)
+        self.num_train, self.image_shape = len(self.train), (config.image_size,) * 2 + (3,)
         self.config, self.backend = config, backend
         self.part = (jax.process_index(), jax.process_count())
         self.mean = jax.device_put(np.asarray(MEAN_RGB, np.float32), backend.replicated)

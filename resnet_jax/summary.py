@@ -1,10 +1,15 @@
 """What a network is: its layers, trainable parameters and multiply-adds per image.
 
 Multiply-adds are counted from the traced program itself (every convolution and matrix product
-of a forward pass on one image), so they cannot drift from the model code.
+of a forward pass on one image), so they cannot drift from the model code. Nets are built for
+their shapes only (`nnx.eval_shape`): no initial value is computed or compiled, so a look at
+ResNet-152 costs a trace, not seconds of initialisers.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import Iterable, Iterator
 
 import jax
 import jax.extend.core
@@ -57,9 +62,10 @@ def layers(model: nnx.Module) -> list[dict]:
     runs = [path for path, node in nodes if isinstance(node, models.BlockRun)]
     for path, node in nodes:
         if isinstance(node, models.BlockRun):
+            block = layers(node.block)
             rows += [{**r, "path": f"{'/'.join(map(str, path))}[{k}]/{r['path']}",
                       "shape": r["shape"][1:], "params": r["params"] // node.length}
-                     for k in range(node.length) for r in layers(node.block)]
+                     for k in range(node.length) for r in block]
         elif isinstance(node, (nnx.Conv, nnx.Linear, models.BatchNorm)) and not any(
                 path[:len(run)] == run for run in runs):
             params = jax.tree.leaves(nnx.state(node, nnx.Param))
@@ -85,6 +91,22 @@ def describe(model: nnx.Module, image_shape) -> dict:
             "macs": count_macs(forward, abstract, x), "image_shape": list(image_shape), "layers": rows}
 
 
+class ShapeOnlyRngs:
+    """Stands in for `nnx.Rngs` when a net is built under `nnx.eval_shape` for its shapes only:
+    every `params` key is the same. A traced `nnx.Rngs` advances its counter through an
+    assignment that, in Flax 0.12, builds an error message walking the whole program traced so
+    far: quadratic in depth (ResNet-1202 took 217 s to build on 2 busy cores). Make one per
+    build: the key is made in the first call's trace."""
+
+    def __init__(self):
+        self.key = None
+
+    def params(self) -> jax.Array:
+        if self.key is None:
+            self.key = jax.random.key(0)
+        return self.key
+
+
 def describe_config(config) -> dict:
     """`describe` for the model and dataset of a training config."""
     from resnet_jax import data, train
@@ -93,39 +115,55 @@ def describe_config(config) -> dict:
     image_shape, num_classes = data.shape_of(config.dataset)
     if config.get("image_size"):  # streamed sets are cropped to image_size
         image_shape = (config.image_size, config.image_size, image_shape[-1])
-    model = train.create_model(config, num_classes=num_classes, in_channels=image_shape[-1])
+    model = nnx.eval_shape(lambda: train.create_model(
+        config, num_classes=num_classes, in_channels=image_shape[-1], rngs=ShapeOnlyRngs()))
     return {"config": f"{config.model} depth={config.depth} residual={config.residual} "
                       f"shortcut={config.shortcut} block={config.block} width={config.width}"
                       + (f" base_width={config.base_width}" if config.model == "cifar" else ""),
             **describe(model, image_shape)}
 
 
+# Wide enough for the largest counts of the default nets (ResNet-152's), so that rows can print
+# as they are counted; a wider cell shifts only its own row.
+STANDARD_WIDTHS = {"name": len("ResNet-1202"), "family": len("imagenet"),
+                   "params": len("60,192,808"), "macs": len("11,513,626,624")}
+
+
 def standard_nets(cifar_depths=(20, 32, 44, 56, 110, 1202),
-                  imagenet_depths=(18, 34, 50, 101, 152)) -> list[dict]:
-    """The paper's nets with their exact counts: CIFAR (option A, 10 classes), ImageNet (B)."""
-    out = []
-    for depth in cifar_depths:
-        for residual in (True, False):
-            model = models.cifar_resnet(depth, residual=residual, rngs=nnx.Rngs(0))
-            out.append({"name": f"{'ResNet' if residual else 'plain'}-{depth}", "family": "cifar",
-                        **_counts(model, (32, 32, 3))})
-    for depth in imagenet_depths:
-        for residual in (True, False) if depth <= 34 else (True,):
-            model = models.imagenet_resnet(depth, residual=residual, shortcut="B",
-                                           rngs=nnx.Rngs(0))
-            out.append({"name": f"{'ResNet' if residual else 'plain'}-{depth}",
-                        "family": "imagenet", **_counts(model, (224, 224, 3))})
-    return out
-
-
-def _counts(model, image_shape) -> dict:
-    d = describe(model, image_shape)
-    return {k: d[k] for k in ("weighted_layers", "params", "macs")}
+                  imagenet_depths=(18, 34, 50, 101, 152)) -> Iterator[dict]:
+    """The paper's nets with their exact counts, one at a time: CIFAR (option A, 10 classes),
+    ImageNet (option B). Built with identical blocks scanned (`scan_blocks`): the same layers,
+    parameters and multiply-adds as the unrolled nets (tests/test_models.py), traced once per
+    run of blocks instead of once per block."""
+    nets = [("cifar", depth, residual) for depth in cifar_depths for residual in (True, False)]
+    nets += [("imagenet", depth, residual) for depth in imagenet_depths
+             for residual in ((True, False) if depth <= 34 else (True,))]
+    for family, depth, residual in nets:
+        build = models.cifar_resnet if family == "cifar" else functools.partial(
+            models.imagenet_resnet, shortcut="B")
+        model = nnx.eval_shape(lambda: build(depth, residual=residual, scan_blocks=True,
+                                             rngs=ShapeOnlyRngs()))
+        d = describe(model, (32, 32, 3) if family == "cifar" else (224, 224, 3))
+        yield {"name": f"{'ResNet' if residual else 'plain'}-{depth}", "family": family,
+               **{k: d[k] for k in ("weighted_layers", "params", "macs")}}
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:
-    cells = [[str(r[c]) if not isinstance(r[c], int) else f"{r[c]:,}" for c in columns]
-             for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    cells = [_cells(r, columns) for r in rows]
+    return "\n".join(table_lines(rows, columns, {
+        c: max([0, *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)}))
+
+
+def table_lines(rows: Iterable[dict], columns: list[str], widths: dict) -> Iterator[str]:
+    """Header, rule, then each row's line as the row arrives; columns right-aligned, each at
+    least as wide as its header and `widths[column]`."""
+    widths = [max(len(c), widths.get(c, 0)) for c in columns]
     line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))  # noqa: E731
-    return "\n".join([line(columns), line(["-" * w for w in widths]), *map(line, cells)])
+    yield line(columns)
+    yield line(["-" * w for w in widths])
+    for r in rows:
+        yield line(_cells(r, columns))
+
+
+def _cells(row: dict, columns: list[str]) -> list[str]:
+    return [f"{row[c]:,}" if isinstance(row[c], int) else str(row[c]) for c in columns]

@@ -7,6 +7,8 @@ The train step is a pure function `(state, batch) -> (state, metrics)` on one gl
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -23,7 +25,8 @@ import optax
 from flax import nnx
 
 from resnet_jax import data, models, parallel, pipeline
-from resnet_jax.checkpoint import Checkpointer, Preempted, PreemptionWatch
+from resnet_jax.checkpoint import (Checkpointer, NoneReadable, Preempted, PreemptionWatch,
+                                   SetupMismatch, WorkdirBusy, WorkdirLock)
 from resnet_jax.metrics import MetricsWriter
 
 BLOCKS = {"post": False, "pre": True}  # block -> pre-activation?
@@ -31,7 +34,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Keys that may change when a run resumes: they do not change what is computed.
 RESUMABLE_KEYS = {"total_steps", "log_every_steps", "log_diagnostics", "eval_every_steps",
                   "eval_subset", "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size",
-                  "parallelism", "num_devices", "tfds_data_dir", "max_converged_train_error",
+                  "parallelism", "num_devices", "tfds_data_dir", "not_converged_fraction_of_chance",
                   "input_threads", "input_workers"}
 
 
@@ -68,15 +71,54 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                                         or config.batch_size % config.bn_group_size == 0),
          f"bn_group_size={config.bn_group_size} must divide batch_size={config.batch_size} "
          "(0 = the whole batch)")
-    need(list(config.lr_boundaries_steps) == sorted(config.lr_boundaries_steps),
-         f"lr_boundaries_steps={tuple(config.lr_boundaries_steps)} must be increasing")
+    # A negative rate, decay or factor would climb the loss instead of descending it.
+    for key in ("learning_rate", "warmup_learning_rate", "lr_decay_factor", "weight_decay"):
+        need(config[key] >= 0, f"{key}={config[key]} must be >= 0")
+    need(0 <= config.momentum < 1, f"momentum={config.momentum} must be in [0, 1) (the paper: 0.9)")
+    boundaries = tuple(config.lr_boundaries_steps)
+    need(min(boundaries, default=0) >= 0,
+         f"lr_boundaries_steps={boundaries} holds a negative step: give steps >= 0")
+    need(list(boundaries) == sorted(boundaries),
+         f"lr_boundaries_steps={boundaries} must be increasing")
+    need(config.warmup_steps >= 0 and config.warmup_error_window_steps >= 1
+         and 0 <= config.warmup_until_error <= 100,
+         f"warmup_steps={config.warmup_steps} must be >= 0, warmup_error_window_steps="
+         f"{config.warmup_error_window_steps} >= 1 and warmup_until_error="
+         f"{config.warmup_until_error} a percentage (0 = exactly warmup_steps)")
+    need(0 < config.not_converged_fraction_of_chance <= 1,
+         f"not_converged_fraction_of_chance={config.not_converged_fraction_of_chance} must be "
+         "in (0, 1] (0.9: a final training error of 90 % of chance's or more did not train)")
+    cifar = config.model == "cifar"
+    # Checked here: the model's own check multiplies them and would name `width` for either.
+    for key in ("width", "base_width") if cifar else ("width",):
+        need(config[key] >= 1, f"{key}={config[key]} must be a positive integer")
     try:
-        cifar = config.model == "cifar"
         models.check_architecture(config.model, config.depth,
                                   config.width * (config.base_width if cifar else 1),
                                   cifar and config.bottleneck)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+# How to get past a damaged file of a run (both are written atomically, so damage comes from
+# outside: a cut copy, a full disk on another tool's write, an edit).
+_RUN_JSON_FIX = {"summary.json": "delete it and rerun to write it again",
+                 "config.json": "restore it, or train in a new --workdir"}
+
+
+def read_run_json(path: pathlib.Path) -> dict:
+    """A run's config.json or summary.json; a file that cannot be read or is not a JSON object
+    is a ConfigError naming it and the way out."""
+    fix = _RUN_JSON_FIX.get(path.name, "restore or delete it")
+    try:
+        obj = json.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read {path} ({e.strerror or e}): {fix}") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ConfigError(f"{path} is cut short or not JSON ({e}): {fix}") from None
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{path} holds no JSON object: {fix}")
+    return obj
 
 
 def create_model(config, *, num_classes: int, in_channels: int,
@@ -94,26 +136,69 @@ def create_model(config, *, num_classes: int, in_channels: int,
                   rngs=rngs or nnx.Rngs(config.seed))
 
 
-def create_lr_schedule(config):
-    """Step-wise: `learning_rate` times `lr_decay_factor` per boundary passed (Sec. 4.2).
+@dataclasses.dataclass(frozen=True)
+class LrSchedule:
+    """Step-wise (Sec. 4.2): `learning_rate` times `lr_decay_factor` per boundary passed, after
+    a warm-up at `warmup_learning_rate`.
 
-    With `warmup_steps`, the first iterations use `warmup_learning_rate` instead (the paper's
-    ResNet-110: 0.01 until training error is below 80 %, about 400 iterations, then 0.1).
+    The warm-up lasts `warmup_steps` steps. With `warmup_until_error` > 0 it follows the paper's
+    rule for ResNet-110 (lr 0.01 "until the training error is below 80 %", about 400 iterations,
+    then 0.1) and `warmup_steps` is its cap: it ends after the first step at which the training
+    error is below `warmup_until_error`. The training error here is the mean error (%) of the
+    last `warmup_error_window_steps` global batches, each measured in its own train step before
+    the update (the paper does not say; one batch's error is noisy), judged only once that many
+    steps have run. The train state holds where the warm-up ends and the errors it is judged on
+    (`TrainState`), so every process and every resume switches at the same step.
     """
-    boundaries = jnp.asarray(config.lr_boundaries_steps or [np.iinfo(np.int32).max], jnp.int32)
 
-    def schedule(step):
-        decays = jnp.sum(step >= boundaries)
-        lr = config.learning_rate * config.lr_decay_factor ** decays
-        return jnp.where(step < config.warmup_steps, config.warmup_learning_rate, lr)
+    learning_rate: float
+    lr_decay_factor: float
+    lr_boundaries_steps: tuple[int, ...]
+    warmup_learning_rate: float
+    warmup_steps: int
+    warmup_until_error: float
+    warmup_error_window_steps: int
 
-    return schedule
+    def __call__(self, step, warmup_end_step=None):
+        """The learning rate of `step` (0-based) when the warm-up ends at `warmup_end_step`
+        (the first step at the full rate; by default `warmup_steps`)."""
+        boundaries = jnp.asarray(self.lr_boundaries_steps or [np.iinfo(np.int32).max],
+                                 jnp.int32)
+        lr = self.learning_rate * self.lr_decay_factor ** jnp.sum(step >= boundaries)
+        end = self.warmup_steps if warmup_end_step is None else warmup_end_step
+        return jnp.where(step < end, self.warmup_learning_rate, lr)
+
+    def end_warmup(self, step, warmup_end_step, recent_errors, error):
+        """(warmup_end_step, recent_errors) after `step`, whose global batch had `error` %."""
+        window = self.warmup_error_window_steps
+        recent_errors = recent_errors.at[step % window].set(error)
+        if not self.warmup_until_error:
+            return warmup_end_step, recent_errors
+        ends = ((step < warmup_end_step) & (step + 1 >= window)
+                & (jnp.mean(recent_errors) < self.warmup_until_error))
+        return jnp.where(ends, step + 1, warmup_end_step), recent_errors
 
 
-def create_optimizer(config, schedule) -> optax.GradientTransformation:
-    # Weight decay as an L2 gradient term on every parameter, as in the paper's SGD.
+def create_lr_schedule(config) -> LrSchedule:
+    return LrSchedule(config.learning_rate, config.lr_decay_factor,
+                      tuple(config.lr_boundaries_steps), config.warmup_learning_rate,
+                      config.warmup_steps, config.warmup_until_error,
+                      config.warmup_error_window_steps)
+
+
+def create_optimizer(config) -> optax.GradientTransformationExtraArgs:
+    """SGD with momentum; weight decay as an L2 gradient term on every parameter, as in the
+    paper's SGD. Each update takes the step's learning rate as an argument,
+    `tx.update(grads, opt_state, params, learning_rate=lr)`: where the warm-up ends is part of
+    the train state, not a function of the optimizer's step count."""
+    def scale_by_learning_rate(updates, state, params=None, *, learning_rate, **extra_args):
+        del params, extra_args
+        return jax.tree.map(lambda u: jnp.asarray(-learning_rate, u.dtype) * u, updates), state
+
     return optax.chain(optax.add_decayed_weights(config.weight_decay),
-                       optax.sgd(schedule, momentum=config.momentum))
+                       optax.trace(decay=config.momentum),
+                       optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(),
+                                                             scale_by_learning_rate))
 
 
 @flax.struct.dataclass
@@ -122,12 +207,21 @@ class TrainState:
     params: Any
     batch_stats: Any
     opt_state: Any
+    # The warm-up (`LrSchedule`): the first step at the full learning rate (lowered by the
+    # rule when it ends the warm-up early), and the training errors (%) of the last global
+    # batches, the error of step t in row t % warmup_error_window_steps.
+    warmup_end_step: jax.Array
+    recent_errors: jax.Array
 
 
-def create_train_state(model: nnx.Module, tx: optax.GradientTransformation):
+def create_train_state(model: nnx.Module, tx: optax.GradientTransformation,
+                       schedule: LrSchedule):
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                       opt_state=tx.init(params))
+                       opt_state=tx.init(params),
+                       warmup_end_step=jnp.asarray(schedule.warmup_steps, jnp.int32),
+                       recent_errors=jnp.zeros((schedule.warmup_error_window_steps,),
+                                               jnp.float32))
     return graphdef, state
 
 
@@ -155,14 +249,23 @@ def make_train_step(graphdef, tx, schedule, axis_name: str | None = None,
                                                             batch)
         grads, loss, error, batch_stats, sown = parallel.pmean_if(
             (grads, loss, error, batch_stats, sown), axis_name)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        lr = schedule(state.step, state.warmup_end_step)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, learning_rate=lr)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "error": error, "lr": schedule(state.step),
+        # From the global batch's error (averaged over devices above): every process agrees.
+        warmup_end_step, recent_errors = schedule.end_warmup(
+            state.step, state.warmup_end_step, state.recent_errors, error)
+        metrics = {"loss": loss, "error": error, "lr": lr, "warmup_end_step": warmup_end_step,
                    "grad_norm": optax.tree.norm(grads)}
+        # The loss is measured before the update: whether the state it leaves is finite is
+        # checked too, before every save (`_check_finite`).
+        metrics["finite"] = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in
+                                               jax.tree.leaves((params, batch_stats))]))
         if diagnose:
             metrics |= _diagnostics(grads, sown, stage_of_block)
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                                  opt_state=opt_state)
+                                  opt_state=opt_state, warmup_end_step=warmup_end_step,
+                                  recent_errors=recent_errors)
         return new_state, metrics
 
     return train_step
@@ -218,11 +321,11 @@ def create_training(config, backend: parallel.Backend, *, num_classes: int, in_c
     make = functools.partial(create_model, config, num_classes=num_classes,
                              in_channels=in_channels, bn=bn)
     schedule = create_lr_schedule(config)
-    tx = create_optimizer(config, schedule)
+    tx = create_optimizer(config)
     if len(seeds) != backend.seeds:
         raise ValueError(f"{len(seeds)} seeds on a backend made for {backend.seeds}")
     nets = [make(rngs=nnx.Rngs(s)) for s in seeds] or [make()]
-    (graphdef, state), *others = [create_train_state(net, tx) for net in nets]
+    (graphdef, state), *others = [create_train_state(net, tx, schedule) for net in nets]
     if seeds:  # one graph, the states stacked
         state = jax.tree.map(lambda *x: jnp.stack(x), state, *(s for _, s in others))
     stages = nets[0].stage_of_block if config.log_diagnostics else None
@@ -244,13 +347,24 @@ def create_feed(config, backend: parallel.Backend, seeds: tuple[int, ...] = ()):
     return data.DeviceFeed(ds, config, backend, seeds)
 
 
-def load_trained(workdir: str | pathlib.Path):
-    """(model, config, dataset) of a run's latest checkpoint: for analyses after training.
-    The dataset is None for streamed datasets (ImageNet): they are never loaded whole."""
-    workdir = pathlib.Path(workdir)
+def load_trained(workdir: str | pathlib.Path, step: int | None = None):
+    """(model, config, dataset) of a run's latest readable checkpoint, or of checkpoint `step`:
+    for analyses after training. The dataset is None for streamed datasets (ImageNet): they are
+    never loaded whole.
+
+    Reads only (a damaged newest checkpoint stays where it is, for the run's own rerun to deal
+    with) and prints which step it loaded, and so whether it is the one summary.json reports.
+    """
+    graphdef, state, config, ds, _ = restore_trained(workdir, step)
+    return nnx.merge(graphdef, state.params, state.batch_stats), config, ds
+
+
+def restore_trained(workdir: str | pathlib.Path, step: int | None = None):
+    """`load_trained` as (graphdef, train state, config, dataset, the step read)."""
+    wanted, workdir = step, pathlib.Path(workdir)
     if not (workdir / "config.json").exists():
         raise ConfigError(f"{workdir} holds no run (no config.json): pass a run's --workdir")
-    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    config = ml_collections.ConfigDict(read_run_json(workdir / "config.json"))
     data_dir = config.tfds_data_dir or None
     if pipeline.is_streamed(config.dataset):
         ds, num_classes, in_channels = None, pipeline.num_classes(config.dataset, data_dir), 3
@@ -259,15 +373,33 @@ def load_trained(workdir: str | pathlib.Path):
                        tfds_data_dir=data_dir)
         num_classes, in_channels = ds.num_classes, ds.train.images.shape[-1]
     model = create_model(config, num_classes=num_classes, in_channels=in_channels)
-    graphdef, state = create_train_state(model, create_optimizer(config,
-                                                                 create_lr_schedule(config)))
+    graphdef, state = create_train_state(model, create_optimizer(config),
+                                         create_lr_schedule(config))
     if not (workdir / "checkpoints").is_dir():
         raise ConfigError(f"{workdir} has no checkpoints: train it first")
-    restored = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints).restore_latest(
-        state)
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
+                                read_only=True)
+    try:
+        latest = checkpointer.latest_step()
+        step, restored, unreadable = checkpointer.read_latest(
+            state, None if wanted is None else (wanted,))
+    except SetupMismatch as e:
+        raise ConfigError(f"{workdir} holds checkpoints of a different setup ({e}): the data "
+                          "or code changed since it was trained") from None
+    finally:
+        checkpointer.close()
+    if restored is None and wanted is not None and latest is not None:
+        raise ConfigError(f"checkpoint {wanted} of {workdir} "
+                          + ("cannot be read" if unreadable else "does not exist")
+                          + f": pick another step, e.g. the latest, {latest}")
     if restored is None:
         raise ConfigError(f"{workdir} has no readable checkpoint: train it first")
-    return nnx.merge(graphdef, restored.params, restored.batch_stats), config, ds
+    summary = (read_run_json(workdir / "summary.json") if (workdir / "summary.json").exists()
+               else {})
+    print(f"loaded checkpoint {step} of {workdir}" + (
+        f" (its summary.json says step {summary['step']}: the newer checkpoints could not be "
+        "read)" if wanted is None and summary.get("step", step) > step else ""), flush=True)
+    return graphdef, restored, config, ds, step
 
 
 # --- The loop ------------------------------------------------------------------------------
@@ -280,7 +412,7 @@ def _check_workdir(workdir: pathlib.Path, config) -> None:
         raise ConfigError(f"workdir {workdir} is not writable: pass a --workdir you can write to")
     saved = workdir / "config.json"
     if saved.exists():
-        old, new = json.loads(saved.read_text()), json.loads(config.to_json())
+        old, new = read_run_json(saved), json.loads(config.to_json())
         changed = sorted(k for k in old.keys() | new.keys()
                          if k not in RESUMABLE_KEYS and old.get(k) != new.get(k))
         if changed:
@@ -289,11 +421,36 @@ def _check_workdir(workdir: pathlib.Path, config) -> None:
                 "use a new --workdir or the original values")
 
 
+DATASET_JSON = "dataset.json"  # beside config.json: the facts of the data a run trains on
+
+
+def _dataset_facts(feed) -> dict:
+    """What a run's checkpoints and data order depend on beyond its config: a folder that gained
+    a class or some images, or was resized, is other data under the same name."""
+    return {"num_classes": feed.num_classes, "image_shape": list(feed.image_shape),
+            "num_train": feed.num_train}
+
+
+def _check_dataset(workdir: pathlib.Path, facts: dict) -> None:
+    """Refuses a workdir whose run trained on other data (dataset.json, written by `_train`)."""
+    path = workdir / DATASET_JSON
+    if not path.exists():  # a new run, or one from before dataset.json: its checkpoints tell
+        return
+    old = read_run_json(path)
+    changed = [f"{k} {old.get(k)} -> {v}" for k, v in facts.items() if old.get(k) != v]
+    if changed:
+        raise ConfigError(f"workdir {workdir} holds a run on different data ({', '.join(changed)})"
+                          ": use a new --workdir, or the data it was trained on")
+
+
 def _check_finite(fetched_metrics: list[dict], step: int) -> None:
-    if not all(np.all(np.isfinite(m["loss"])) for m in fetched_metrics):
+    """Stops at a non-finite loss or a step that left non-finite parameters (`finite`)."""
+    loss_ok = all(np.all(np.isfinite(m["loss"])) for m in fetched_metrics)
+    if not (loss_ok and all(np.all(m["finite"]) for m in fetched_metrics)):
         raise FloatingPointError(
-            f"loss is not finite by step {step}; training stopped and the last good checkpoint "
-            "is kept: lower learning_rate or set warmup_steps")
+            f"{'loss is' if not loss_ok else 'parameters are'} not finite by step {step}; "
+            "training stopped and the last good checkpoint is kept: train in a new --workdir "
+            "with a lower learning_rate or warmup_steps (this one refuses a changed config)")
 
 
 def _write_json(path: pathlib.Path, obj) -> None:
@@ -307,9 +464,11 @@ def _write_json(path: pathlib.Path, obj) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the summary."""
-    return train_runs([config], [workdir])[0]
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       restart: bool = False) -> dict:
+    """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the summary.
+    `restart`: when checkpoints exist but none can be read, set them aside, start from step 0."""
+    return train_runs([config], [workdir], restart=restart)[0]
 
 
 def _check_seed_group(configs) -> None:
@@ -326,7 +485,7 @@ def _check_seed_group(configs) -> None:
         raise ConfigError(f"runs trained in one program need distinct seeds, got {seeds}")
 
 
-def train_runs(configs: list, workdirs: list) -> list[dict]:
+def train_runs(configs: list, workdirs: list, *, restart: bool = False) -> list[dict]:
     """Trains runs that differ only in their seed, each in its own workdir, resuming each from
     its latest checkpoint; returns their summaries in order.
 
@@ -343,20 +502,26 @@ def train_runs(configs: list, workdirs: list) -> list[dict]:
     for k, (c, w) in enumerate(zip(configs, workdirs)):
         _check_workdir(w, c)
         if (w / "summary.json").exists():
-            summary = json.loads((w / "summary.json").read_text())
+            summary = read_run_json(w / "summary.json")
             if summary["step"] >= c.total_steps:
                 print(f"run in {w} already finished at step {summary['step']} "
                       f"(test error {summary['test/error']:.2f}%)", flush=True)
                 summaries[k] = summary
     todo = [k for k, s in enumerate(summaries) if s is None]
     if todo:
-        trained = _train([configs[k] for k in todo], [workdirs[k] for k in todo])
+        trained = _train([configs[k] for k in todo], [workdirs[k] for k in todo], restart)
         for k, summary in zip(todo, trained):
             summaries[k] = summary
     return summaries
 
 
-def _train(configs: list, workdirs: list[pathlib.Path]) -> list[dict]:
+def _train(configs: list, workdirs: list[pathlib.Path], restart: bool) -> list[dict]:
+    with contextlib.ExitStack() as held:  # the workdirs' locks, released however it ends
+        return _train_held(held, configs, workdirs, restart)
+
+
+def _train_held(held: contextlib.ExitStack, configs: list, workdirs: list[pathlib.Path],
+                restart: bool) -> list[dict]:
     config, runs = configs[0], range(len(configs))
     seeds = tuple(c.seed for c in configs) if len(configs) > 1 else ()
     # Run k's part of a tree with a leading seed axis (the whole tree when there is none).
@@ -371,30 +536,55 @@ def _train(configs: list, workdirs: list[pathlib.Path]) -> list[dict]:
     if feed.num_train < config.batch_size:
         raise ConfigError(f"dataset {config.dataset} has {feed.num_train} training "
                           f"images, fewer than batch_size={config.batch_size}: lower batch_size")
+    facts = _dataset_facts(feed)
     for c, w in zip(configs, workdirs):
         w.mkdir(parents=True, exist_ok=True)
-        _write_json(w / "config.json", json.loads(c.to_json()))
+        try:
+            held.enter_context(WorkdirLock(w))
+        except WorkdirBusy as e:
+            raise ConfigError(str(e)) from None
+        _check_workdir(w, c)  # again: a trainer that held the lock may have just written it
+        _check_dataset(w, facts)
 
     graphdef, state, train_step = create_training(config, backend, num_classes=feed.num_classes,
                                                   in_channels=feed.in_channels, seeds=seeds)
     checkpointers = [Checkpointer(w / "checkpoints", keep=config.keep_checkpoints)
                      for w in workdirs]
-    restored = [ckpt.restore_latest(part(state, k)) for k, ckpt in enumerate(checkpointers)]
+    restored = []
+    for k, (w, ckpt) in enumerate(zip(workdirs, checkpointers)):
+        try:
+            restored.append(ckpt.restore_latest(part(state, k), restart=restart))
+        except SetupMismatch as e:  # a changed dataset or model, not damage: nothing is moved
+            raise ConfigError(f"workdir {w} holds checkpoints of a different setup ({e}): use a "
+                              "new --workdir, or the data and config it was trained with") from None
+        except NoneReadable as e:
+            raise ConfigError(f"{e}: rerun with --restart to set them aside and train from step "
+                              "0, or use a new --workdir") from None
     steps = {None if r is None else int(r.step) for r in restored}
     if len(steps) > 1:
         raise ConfigError(
             f"runs trained in one program must resume from one step, but their checkpoints are "
             f"at {', '.join(str(r and int(r.step)) for r in restored)}: train them separately")
+    start = steps.pop() or 0
+    if start > config.total_steps:  # its summary would name a step it is not at
+        raise ConfigError(f"workdir {workdirs[0]} holds checkpoint {start}, past total_steps="
+                          f"{config.total_steps}: pass --config.total_steps={start} or more, or "
+                          "use a new --workdir")
     if restored[0] is not None:
         state = jax.tree.map(lambda *x: jnp.stack(x), *restored) if seeds else restored[0]
         for w in workdirs:
-            print(f"resuming from step {int(restored[0].step)} in {w}", flush=True)
-    start = steps.pop() or 0
+            print(f"resuming from step {start} in {w}", flush=True)
+    # Only now that every check has passed: a refused rerun leaves the run as it was.
+    for c, w in zip(configs, workdirs):
+        _write_json(w / "config.json", json.loads(c.to_json()))
+        _write_json(w / DATASET_JSON, facts)
     writers = [MetricsWriter(w, total_steps=config.total_steps,
                              label=f"seed {c.seed}: " if seeds else "")
                for c, w in zip(configs, workdirs)]
     for writer in writers:
         writer.truncate(start)
+    # The step of each run's last record: the record after the warm-up's end names it.
+    logged = [writer.last_record().get("step", 0) for writer in writers]
     eval_step = make_eval_step(graphdef)
     eval_step = jax.jit(backend.map_seeds(eval_step, (0, None, None)) if seeds else eval_step,
                         compiler_options=backend.compiler_options)
@@ -411,6 +601,21 @@ def _train(configs: list, workdirs: list[pathlib.Path]) -> list[dict]:
 
     state = backend.put_state(state)
     pending, records, t_start, step_start = [], [{} for _ in runs], None, start
+    # Seconds since t_start spent evaluating and checkpointing: kept out of the train step's
+    # throughput (`examples_per_sec`), and reported beside it.
+    aside, checkpoint_seconds = 0.0, None
+    lasts = [writer.last_record() for writer in writers]
+    lost = [k for k in runs if start == config.total_steps  # restored at its last step, and
+            and not (lasts[k].get("step") == start and "test/error" in lasts[k])]  # no record
+    if lost:
+        # Evaluate the final state again; the training error stays the last one logged (a mean
+        # over steps that are not trained again).
+        evaluated = evaluate(backend.get_state(state), whole=True)
+        for k in lost:
+            print(f"run in {workdirs[k]} is at its last step {start} but its final record is "
+                  f"lost: evaluating it (train error of step {lasts[k].get('step')})", flush=True)
+            records[k] = {"train/loss": lasts[k].get("train/loss", np.nan),
+                          "train/error": lasts[k].get("train/error", np.nan), **evaluated[k]}
     watch = PreemptionWatch()
     try:
         for step in range(start, config.total_steps):
@@ -431,50 +636,68 @@ def _train(configs: list, workdirs: list[pathlib.Path]) -> list[dict]:
             if done % config.log_every_steps == 0 or evaluate_now:
                 fetched, pending = jax.device_get(pending), []
                 _check_finite(fetched, done)
-                seconds_left, rate = None, None
+                now, seconds_left, rate = time.perf_counter(), None, None
                 if done > step_start:
-                    rate = (done - step_start) / (time.perf_counter() - t_start)
-                    seconds_left = (config.total_steps - done) / rate
+                    rate = (done - step_start) / (now - t_start - aside)  # train steps alone
+                    seconds_left = (config.total_steps - done) * (now - t_start) / (
+                        done - step_start)
                 evaluated = evaluate(backend.get_state(state), whole=last) if evaluate_now else None
+                eval_seconds = time.perf_counter() - now if evaluate_now else None
+                aside += eval_seconds or 0.0
                 for k in runs:
                     own = [part(m, k) for m in fetched]
                     # Loss and error average the window; the rest (lr, diagnostics): its last step.
                     record = {**per_layer_metrics(own[-1]),
                               "train/loss": np.mean([m["loss"] for m in own]),
                               "train/error": np.mean([m["error"] for m in own])}
-                    del record["loss"], record["error"]
+                    del record["loss"], record["error"], record["finite"]
+                    warmup_end = int(record.pop("warmup_end_step"))
+                    if logged[k] < warmup_end <= done:
+                        record["warmup_end_step"] = warmup_end  # the last step warmed up
+                    logged[k] = done
+                    record["time"] = time.time()
                     if rate is not None:
                         record["examples_per_sec"] = rate * config.batch_size
                     if evaluated:
-                        record |= evaluated[k]
+                        record |= evaluated[k] | {"eval_seconds": eval_seconds}
+                    if checkpoint_seconds is not None:  # the saves since the last record
+                        record["checkpoint_seconds"] = checkpoint_seconds
                     writers[k].write(done, record)
                     writers[k].progress(done, record, seconds_left)
                     records[k] = record
+                checkpoint_seconds = None
             if save or preempted:
                 _check_finite(jax.device_get(pending), done)  # never checkpoint a NaN
+                saving = time.perf_counter()
                 global_state = backend.get_state(state)
                 for k, ckpt in enumerate(checkpointers):
                     ckpt.save(done, part(global_state, k))
+                checkpoint_seconds = (checkpoint_seconds or 0.0) + time.perf_counter() - saving
+                aside += time.perf_counter() - saving
             if preempted:
-                raise Preempted(done, workdirs[0])
+                raise Preempted(done, workdirs[0], watch.signum)
     finally:
         feed.close()
         watch.close()
         for closable in (*checkpointers, *writers):
             closable.close()
 
-    return [_finish(c, w, records[k] or writers[k].last_record())
+    return [_finish(c, w, records[k] or writers[k].last_record(), feed.num_classes)
             for k, (c, w) in enumerate(zip(configs, workdirs))]
 
 
-def _finish(config, workdir: pathlib.Path, final: dict) -> dict:
+def _finish(config, workdir: pathlib.Path, final: dict, num_classes: int) -> dict:
     """Writes and returns the summary of a run whose last record is `final` (a run restored at
     its last step, killed before writing its summary, trained nothing now: its last record)."""
     summary = {"step": config.total_steps, "train/error": float(final["train/error"]),
                "train/loss": float(final["train/loss"]), "test/error": float(final["test/error"])}
     if "val/error" in final:
         summary["val/error"] = float(final["val/error"])
-    summary["converged"] = summary["train/error"] <= config.max_converged_train_error
+    # Not converged: the net did not train (the paper's failed runs), its final training error
+    # (the last logging window's mean) at least `not_converged_fraction_of_chance` of chance's.
+    threshold = config.not_converged_fraction_of_chance * 100.0 * (1 - 1 / num_classes)
+    summary["not_converged_from_train_error"] = threshold
+    summary["converged"] = summary["train/error"] < threshold
     summary_path = workdir / "summary.json"
     _write_json(summary_path, summary)
     print(f"finished: train error {summary['train/error']:.2f}%, "

@@ -18,3 +18,13 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     """Each test session gets its own decoded-data cache, never the user's."""
     cache = tmp_path_factory.getbasetemp() / "resnet_jax_cache"
     monkeypatch.setenv("RESNET_JAX_CACHE", str(cache))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_compile_cache(tmp_path_factory):
+    """And its own compilation cache, set for the whole session: module-scoped fixtures train
+    (and compile) before any function-scoped fixture runs."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RESNET_JAX_COMPILE_CACHE",
+                  str(tmp_path_factory.getbasetemp() / "jax-compile"))
+        yield

@@ -6,10 +6,12 @@ finished run (`finished_run`); tests that change a run work on a copy of it.
 """
 import contextlib
 import functools
+import importlib
 import io
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -123,6 +125,20 @@ BAD_INPUTS = {  # id -> (arguments after `train`, words the error must contain)
     "unknown-get-config-argument": ([f"--config={CONFIG}:foo=1"], ["foo=1", "depth"]),
     "non-integer-override": ([*TINY, "--config.total_steps=abc"], ["total_steps", "abc"]),
     "missing-config-file": (["--config=no/such/config_file.py"], ["config file", "not found"]),
+    "negative-learning-rate": ([*TINY, "--config.learning_rate=-0.1"], ["learning_rate=-0.1"]),
+    "negative-warmup-learning-rate": ([*TINY, "--config.warmup_learning_rate=-0.01"],
+                                      ["warmup_learning_rate=-0.01"]),
+    "negative-momentum": ([*TINY, "--config.momentum=-0.9"], ["momentum=-0.9", "[0, 1)"]),
+    "momentum-of-one": ([*TINY, "--config.momentum=1.0"], ["momentum=1.0", "[0, 1)"]),
+    "negative-weight-decay": ([*TINY, "--config.weight_decay=-0.0001"],
+                              ["weight_decay=-0.0001"]),
+    "negative-lr-decay-factor": ([*TINY, "--config.lr_decay_factor=-0.1"],
+                                 ["lr_decay_factor=-0.1"]),
+    "negative-lr-boundary": ([*TINY, "--config.lr_boundaries_steps=(-5,10)"],
+                             ["lr_boundaries_steps=(-5, 10)", "negative"]),
+    "negative-num-devices": ([*TINY, "--config.num_devices=-1"], ["num_devices=-1", "0 = all"]),
+    "zero-base-width": ([f"--config={CONFIG}:depth=8,dataset=digits,base_width=0"],
+                        ["base_width=0"]),
 }
 
 
@@ -185,6 +201,122 @@ def test_bad_input_exits_nonzero_as_a_process(tmp_path):
     assert not workdir.exists()
 
 
+# --- Unreadable files: the file and the fix, never advice about a different file ------------
+
+
+def folder_with_broken_link(root):
+    from tests.test_data import make_tree
+
+    make_tree(root)
+    link = root / "train" / "ant" / "gone.png"
+    link.symlink_to(root / "nowhere.png")
+    return link
+
+
+def test_broken_image_link_is_named_as_a_read(tmp_path, capsys):
+    link = folder_with_broken_link(tmp_path / "tree")
+    workdir = tmp_path / "run"
+    rc, out, err = run_cli(capsys, train_argv(workdir, f"--config.dataset=folder:{tmp_path}/tree"))
+    assert_usage_error(rc, out, err, f"cannot read {link}", "broken")
+    assert "could not write" not in err and "--workdir" not in err
+    assert not workdir.exists()
+
+
+def test_unwritable_data_cache_names_the_variable_not_the_workdir(tmp_path, capsys,
+                                                                  monkeypatch):
+    from tests.test_data import make_tree
+
+    make_tree(tmp_path / "tree")
+    (tmp_path / "afile").write_text("")  # a cache under a file: unwritable even for root
+    monkeypatch.setenv("RESNET_JAX_CACHE", str(tmp_path / "afile" / "cache"))
+    workdir = tmp_path / "run"
+    rc, out, err = run_cli(capsys, train_argv(workdir, f"--config.dataset=folder:{tmp_path}/tree"))
+    assert_usage_error(rc, out, err, "$RESNET_JAX_CACHE", str(tmp_path / "afile" / "cache"))
+    assert "--workdir" not in err
+    assert not workdir.exists()
+
+
+@pytest.mark.parametrize("errno_, where, is_write", [
+    (13, "elsewhere", False), (5, "workdir", False), (13, "workdir", True),
+    (28, "elsewhere", True)])  # EACCES, EIO, EACCES, ENOSPC
+def test_os_error_is_described_as_a_write_only_when_it_is_one(tmp_path, capsys, monkeypatch,
+                                                              errno_, where, is_write):
+    from resnet_jax import train
+
+    workdir = tmp_path / "run"
+    path = (workdir if where == "workdir" else tmp_path / "data") / "some.file"
+
+    def fail(*args, **kwargs):
+        raise OSError(errno_, os.strerror(errno_), str(path))
+
+    monkeypatch.setattr(train, "train_and_evaluate", fail)
+    rc, out, err = run_cli(capsys, train_argv(workdir))
+    assert_usage_error(rc, out, err, str(path), os.strerror(errno_))
+    assert ("could not write" in err) == is_write
+    assert ("--workdir" in err) == is_write
+
+
+# --- Damaged run files: one line naming the file, in a run and in a sweep ------------------
+
+
+def cut(path):
+    text = path.read_text()
+    path.write_text(text[:len(text) // 2])
+
+
+@pytest.mark.parametrize("name, fix", [("summary.json", "delete it"),
+                                       ("config.json", "new --workdir")])
+def test_cut_run_json_is_one_line_naming_it(finished_run, tmp_path, capsys, name, fix):
+    workdir = copy_run(finished_run, tmp_path / "run")
+    cut(workdir / name)
+    before = snapshot(workdir)
+    rc, out, err = run_cli(capsys, train_argv(workdir))
+    assert_usage_error(rc, out, err, str(workdir / name), fix)
+    assert snapshot(workdir) == before
+    if name == "summary.json":  # The advice works: the run is evaluated and finished again.
+        (workdir / name).unlink()
+        rc, _, err = run_cli(capsys, train_argv(workdir))
+        assert rc == 0, err
+        assert (json.loads((workdir / name).read_text())
+                == json.loads((finished_run / name).read_text()))
+
+
+def test_load_trained_names_a_cut_config(finished_run, tmp_path):
+    from resnet_jax import train
+
+    workdir = copy_run(finished_run, tmp_path / "run")
+    cut(workdir / "config.json")
+    with pytest.raises(train.ConfigError, match=str(workdir / "config.json")):
+        train.load_trained(workdir)
+
+
+@pytest.mark.parametrize("name", ["summary.json", "config.json"])
+@pytest.mark.parametrize("command", ["sweep", "degradation", "ablations", "layer_responses"])
+def test_cut_run_json_in_a_sweep_is_one_line_naming_it(finished_run, tmp_path, capsys, command,
+                                                       name):
+    from experiments import ablations, degradation, layer_responses
+    from experiments.sweep import Run, run_sweep_command
+
+    if (command, name) == ("layer_responses", "summary.json"):
+        pytest.skip("layer_responses reads no summary")
+    run = Run("depth=8,dataset=digits", {"total_steps": 30})  # unfinished: reads config.json
+    workdir = copy_run(finished_run, tmp_path / "root" / run.name)
+    cut(workdir / name)
+    root = f"--root={tmp_path / 'root'}"
+    capsys.readouterr()
+    rc = {"sweep": lambda: run_sweep_command("sweep", [run], tmp_path / "root"),
+          "degradation": lambda: degradation.main(["--preset=smoke", root, "--plot-only"]),
+          "ablations": lambda: ablations.main(["--study=preact", "--preset=smoke", root,
+                                               "--plot-only"]),
+          "layer_responses": lambda: layer_responses.main([root, "--depths=8"])}[command]()
+    out, err = capsys.readouterr()
+    assert rc == 2 and "Traceback" not in err
+    lines = err.splitlines()
+    if (command, name) == ("sweep", "config.json"):  # that run fails, named with its reason
+        lines = [line for line in lines if line.startswith(f"  {workdir}:")]
+    assert len(lines) == 1 and str(workdir / name) in lines[0], err
+
+
 # --- A run, its outputs, and resuming it ---------------------------------------------------
 
 
@@ -195,6 +327,11 @@ def test_run_writes_config_metrics_checkpoints_and_summary(finished_run):
     assert [r["step"] for r in records if "test/error" in r] == [10, 20]
     assert {"train/loss", "train/error", "lr"} <= records[0].keys()
     assert all("examples_per_sec" in r for r in records[1:])
+    # Timing: the train step's rate apart from the evaluations and saves, and when each record
+    # was written.
+    assert all(r["time"] > 1.7e9 for r in records)
+    assert [r["step"] for r in records if "eval_seconds" in r] == [10, 20]
+    assert [r["step"] for r in records if "checkpoint_seconds" in r] == [15]  # the save at 10
     assert checkpoint_steps(finished_run) == [10, 20]
     assert any((finished_run / "tensorboard").iterdir())
     summary = json.loads((finished_run / "summary.json").read_text())
@@ -277,10 +414,9 @@ def test_changed_config_on_resume_is_refused(finished_run, tmp_path, capsys, sta
 # --- summary ---------------------------------------------------------------------------------
 
 
-@pytest.mark.slow  # 54-60 s on 2 CPU cores: builds and traces all 19 nets, ResNet-1202 too.
 def test_summary_of_standard_nets_has_paper_parameter_counts(capsys, monkeypatch):
     # Every net's count is checked in tests/test_models.py; here the command, on fewer nets
-    # (ResNet-1202 and ResNet-152 alone take a minute to build on 2 cores).
+    # (all 19: benchmarks/summary_time.py).
     from resnet_jax import summary
 
     fewer = functools.partial(summary.standard_nets, cifar_depths=(20, 110),
@@ -302,6 +438,134 @@ def test_summary_of_config_counts_resnet56(capsys):
     assert info["params"] == 853_018
     assert info["weighted_layers"] == 56
     assert info["macs"] > 0
+
+
+def test_summary_table_prints_each_net_as_it_is_counted(capsys, monkeypatch):
+    fewer = functools.partial(summary.standard_nets, cifar_depths=(20,), imagenet_depths=(18,))
+    monkeypatch.setattr(summary, "standard_nets", fewer)
+    describe, printed = summary.describe, []
+
+    def describe_after_reading_stdout(*args):
+        printed.append(capsys.readouterr().out)  # what was out before this net was counted
+        return describe(*args)
+
+    monkeypatch.setattr(summary, "describe", describe_after_reading_stdout)
+    capsys.readouterr()
+    assert main(["summary"]) == 0
+    lines = ("".join(printed) + capsys.readouterr().out).splitlines()
+    assert [line.split() for line in lines[2:]] == [
+        ["ResNet-20", "cifar", "20", "269,722", "40,551,040"],
+        ["plain-20", "cifar", "20", "269,722", "40,551,040"],
+        ["ResNet-18", "imagenet", "18", "11,689,512", "1,814,073,344"],
+        ["plain-18", "imagenet", "18", "11,515,688", "1,794,805,760"]]
+    assert len({len(line) for line in lines}) == 1  # aligned
+    # The header and rule, then one more row before each next net.
+    assert [len("".join(printed[:k]).splitlines()) for k in (1, 2, 3, 4)] == [2, 3, 4, 5]
+
+
+def test_summary_of_config_computes_and_compiles_nothing(capsys):
+    """Shapes and counts come from abstract evaluation, the same as a built net's: no initial
+    value is computed, no program compiled (eager initialisers took 17-23 s per ImageNet net)."""
+    import jax
+
+    compiled = []
+
+    def on_compile(event, secs, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(kwargs.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(on_compile)
+    try:  # width=5: shapes that no other test has compiled in this process
+        rc, out, err = run_cli(capsys, ["summary", f"--config={CONFIG}:depth=14,width=5",
+                                        "--json"])
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_compile)
+    assert rc == 0, err
+    assert compiled == []
+    info = json.loads(out)
+    built = summary.describe(models.cifar_resnet(14, width=5, rngs=nnx.Rngs(0)), (32, 32, 3))
+    assert {k: v for k, v in info.items() if k != "config"} == json.loads(json.dumps(built))
+
+
+# --- compilation cache ---------------------------------------------------------------------
+
+
+def train_in_a_fresh_process(workdir, compile_cache):
+    """A 4-step TINY run as its own `resnet-jax train` process, with this compilation cache."""
+    argv = train_argv(workdir, "--config.total_steps=4", "--config.log_every_steps=2",
+                      "--config.eval_every_steps=4", "--config.checkpoint_every_steps=4")
+    proc = subprocess.run([sys.executable, "-m", "resnet_jax.main", *argv], cwd=REPO,
+                          env={**os.environ, "RESNET_JAX_COMPILE_CACHE": str(compile_cache)},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+
+
+def computed(workdir):
+    """What a run computed, without its timings."""
+    keep = ("step", "train", "test", "validation", "grad_norm", "lr", "response_std",
+            "branch_ratio")
+    return ([{k: v for k, v in r.items() if k.split("/")[0] in keep} for r in metrics(workdir)],
+            json.loads((workdir / "summary.json").read_text()))
+
+
+def test_second_run_compiles_nothing_and_computes_the_same(tmp_path):
+    cache = tmp_path / "compile-cache"
+    train_in_a_fresh_process(tmp_path / "first", cache)
+    entries = sorted(p.name for p in cache.iterdir())
+    assert any(name.startswith("jit_train_step") for name in entries), entries
+    train_in_a_fresh_process(tmp_path / "second", cache)
+    # Every program of the second run came from the cache (a compiled one would be written).
+    assert sorted(p.name for p in cache.iterdir()) == entries
+    # Bit for bit: a program loaded from the cache is the program compiled.
+    assert computed(tmp_path / "second") == computed(tmp_path / "first")
+
+
+def test_compile_cache_sits_next_to_the_data_cache_and_is_off_with_one_setting(tmp_path,
+                                                                                 monkeypatch):
+    import jax
+
+    from resnet_jax import parallel
+
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    before = {k: getattr(jax.config, k) for k in keys}
+    try:
+        monkeypatch.setenv("RESNET_JAX_COMPILE_CACHE", "off")
+        assert parallel.use_compilation_cache() is None
+        assert {k: getattr(jax.config, k) for k in keys} == before
+        monkeypatch.delenv("RESNET_JAX_COMPILE_CACHE")
+        monkeypatch.setenv("RESNET_JAX_CACHE", str(tmp_path))
+        assert parallel.use_compilation_cache() == str(tmp_path / "jax-compile")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jax-compile")
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0  # CPU programs too
+    finally:
+        for key, value in before.items():
+            jax.config.update(key, value)
+
+
+def test_unwritable_compile_cache_is_one_line_and_the_run_goes_on(tmp_path, capsys,
+                                                                   monkeypatch):
+    import jax
+
+    from resnet_jax import parallel
+
+    (tmp_path / "afile").write_text("")  # a directory under a file: unwritable even for root
+    monkeypatch.setenv("RESNET_JAX_COMPILE_CACHE", str(tmp_path / "afile" / "cache"))
+    before = jax.config.jax_compilation_cache_dir
+    assert parallel.use_compilation_cache() is None
+    assert jax.config.jax_compilation_cache_dir == before
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and str(tmp_path / "afile" / "cache") in err[0], err
+    assert "RESNET_JAX_COMPILE_CACHE" in err[0] and "off" in err[0]
+
+
+def test_sweeps_use_the_compile_cache(tmp_path):
+    import jax
+
+    from experiments import sweep
+
+    assert sweep.run_sweep_command("sweep", [], tmp_path / "root") == 0
+    assert jax.config.jax_compilation_cache_dir == os.environ["RESNET_JAX_COMPILE_CACHE"]
 
 
 # --- bench ---------------------------------------------------------------------------------
@@ -369,3 +633,259 @@ def test_pytorch_reference_is_the_same_network():
             assert sum(p.numel() for p in model.parameters()) == params
             out = model(torch_reference.torch.zeros(2, 3, 32, 32))
             assert tuple(out.shape) == (2, 10)
+
+
+# --- Help, stray arguments, evaluating a run, install hints, packaging ----------------------
+
+COMMAND_FLAGS = {"train": ["--config", "--workdir"], "summary": ["--config", "--json"],
+                 "bench": ["--config", "--depths", "--seeds", "--steps", "--json"],
+                 "eval": ["--workdir", "--step", "--dataset"]}
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["-h"], ["help"]])
+def test_help_lists_the_commands_with_examples(capsys, argv):
+    rc, out, err = run_cli(capsys, argv)
+    assert rc == 0 and err == ""
+    for command in COMMAND_FLAGS:
+        assert re.search(rf"^  {command}  +\S", out, re.M), out  # one line of description each
+    assert "resnet-jax train --config=resnet_jax/configs/cifar.py:" in out  # an example
+
+
+@pytest.mark.parametrize("form", ["--help", "-h", "help"])
+@pytest.mark.parametrize("command", COMMAND_FLAGS)
+def test_command_help_lists_its_flags_and_an_example(tmp_path, capsys, command, form):
+    argv = ["help", command] if form == "help" else [command, f"--workdir={tmp_path}/run", form]
+    rc, out, err = run_cli(capsys, argv)
+    assert rc == 0 and err == ""
+    listed = re.findall(r"^  (--\w+)\S*  +\S", out, re.M)  # a flag, then its description
+    assert set(COMMAND_FLAGS[command]) <= set(listed), out
+    assert re.search(rf"^  resnet-jax {command} --", out, re.M), out  # an example
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_help_says_where_the_config_keys_are(capsys):
+    rc, out, _ = run_cli(capsys, ["train", "--help"])
+    assert rc == 0
+    assert "resnet_jax/configs/cifar.py" in out and "--config.KEY=VALUE" in out
+    # Every key of the default config, with its default.
+    assert "total_steps=64000" in out and "lr_boundaries_steps=(32000,48000)" in out
+    assert "weight_decay=0.0001" in out and "tfds_data_dir=''" in out
+
+
+@pytest.mark.parametrize("command, args, words", [
+    ("train", ["total_steps=100"], ["'total_steps=100'", "--config.total_steps=100"]),
+    ("train", ["runs/x"], ["'runs/x'"]),
+    ("train", ["--depths=8"], ["depths", "resnet-jax train --help"]),  # another command's flag
+    ("summary", ["depth=56"], ["'depth=56'", "--config.depth=56"]),
+    ("bench", ["steps=2"], ["'steps=2'", "--steps=2"]),
+    ("eval", ["step=10"], ["'step=10'", "--step=10"])])
+def test_stray_argument_is_one_line_naming_it(tmp_path, capsys, command, args, words):
+    workdir = tmp_path / "run"
+    argv = {"train": TINY + [f"--workdir={workdir}"], "summary": [f"--config={CONFIG}"],
+            "bench": [f"--config={CONFIG}:depth=8", "--steps=1"],
+            "eval": [f"--workdir={workdir}"]}[command]
+    rc, out, err = run_cli(capsys, [command, *argv, *args])
+    assert_usage_error(rc, out, err, *words)
+    assert out == "" and not workdir.exists()
+
+
+ENTRY_POINTS = ["experiments.degradation", "experiments.ablations", "experiments.layer_responses",
+                "benchmarks.accuracy_ab", "benchmarks.compare", "benchmarks.summary_time",
+                "benchmarks.xla_options"]
+
+
+def documented_options(help_text: str) -> dict[str, str]:
+    """argparse's option list: {--flag: its description}."""
+    options, name = {}, None
+    for line in help_text.split("options:\n", 1)[1].splitlines():
+        if re.match(r"  -", line):
+            signature, _, description = line.strip().partition("  ")
+            name = max(re.findall(r"-[-\w]+", signature), key=len)
+            options[name] = description.strip()
+        elif line.startswith("    ") and name:
+            options[name] = (options[name] + " " + line.strip()).strip()
+        else:
+            name = None
+    return options
+
+
+@pytest.mark.parametrize("module", ["resnet_jax.main", *ENTRY_POINTS])
+def test_every_entry_point_has_help_as_a_process(module):
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr
+    if module == "resnet_jax.main":
+        assert "resnet-jax train --config=" in proc.stdout
+        return
+    assert proc.stdout.startswith(f"usage: python -m {module} ")
+    options = documented_options(proc.stdout)
+    assert len(options) > 2 and all(options.values()), options  # each flag described
+    assert re.search(rf"^ +python -m {module} --", proc.stdout, re.M), proc.stdout  # an example
+
+
+@pytest.mark.parametrize("module, args", [
+    ("experiments.degradation", []), ("experiments.ablations", ["--study=preact"]),
+    ("experiments.layer_responses", []), ("benchmarks.accuracy_ab", ["--dataset=digits"]),
+    ("benchmarks.compare", []), ("benchmarks.xla_options", [])])
+def test_every_entry_point_refuses_a_stray_argument_in_one_line(capsys, tmp_path, module, args):
+    main_ = importlib.import_module(module).main
+    root = [f"--root={tmp_path}"] if module.startswith("experiments") or args else []
+    with pytest.raises(SystemExit) as exit_:
+        main_([*root, *args, "total_steps=100"])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and out == ""
+    assert len(err.splitlines()) == 1 and "'total_steps=100'" in err, err
+    assert err.startswith(f"{module.split('.')[1]}: error: ")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unprepared_cifar10_gives_the_commands_and_the_offline_choices(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    rc, out, err = run_cli(capsys, ["train", f"--config={CONFIG}:depth=8,dataset=cifar10",
+                                    f"--config.tfds_data_dir={tmp_path / 'tfds'}",
+                                    f"--workdir={workdir}"])
+    assert_usage_error(rc, out, err, "pip install -e '.[prepare]'",
+                       "tfds build cifar10 --file_format=array_record", "dataset=digits",
+                       "dataset=folder:")
+    assert not workdir.exists()
+
+
+def test_every_install_hint_names_the_checkout():
+    """A hint that installs the project by its name (resnet_jax and extras in brackets) would
+    install whatever the package index has under that name, not this checkout."""
+    hints = []
+    for folder, subfolders, names in os.walk(REPO):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".") and d != "build"]
+        for name in names:
+            if name.endswith((".py", ".md", ".sh")):
+                text = pathlib.Path(folder, name).read_text()
+                hints += re.findall(r"pip install[^\n]*resnet_jax\[[^\n]*", text)
+    assert not hints
+
+
+def pyproject():
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def test_wheel_holds_only_resnet_jax():
+    import setuptools
+
+    include = pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = setuptools.find_packages(where=REPO, include=include)
+    assert "resnet_jax.configs" in packages
+    assert all(p.split(".")[0] == "resnet_jax" for p in packages), packages
+
+
+def test_declared_bounds_hold_and_the_tested_versions_are_recorded():
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    project = pyproject()["project"]
+    # jax (since 0.7) and flax (since 0.11) have no Python 3.10.
+    assert not SpecifierSet(project["requires-python"]).contains("3.10")
+    requirements = {r.name.lower().replace("_", "-"): r for r in map(
+        Requirement, project["dependencies"] + project["optional-dependencies"]["test"])}
+    # optax.tree (train.py) appeared in optax 0.2.5; nnx.capture (models.py) in flax 0.12.6.
+    assert not requirements["optax"].specifier.contains("0.2.4")
+    assert not requirements["flax"].specifier.contains("0.12.5")
+    assert "tensorboard" in project["optional-dependencies"]
+    pins = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    pins = {name.lower().replace("_", "-"): version for name, version in pins.items()}
+    for name, requirement in requirements.items():
+        assert requirement.specifier.contains(pins[name]), (name, pins[name])
+    assert "-c constraints.txt" in (REPO / ".ci" / "run").read_text()
+
+
+def test_license_and_citation():
+    import yaml
+
+    assert "Apache License" in (REPO / "LICENSE").read_text()
+    assert pyproject()["project"]["license"] == "Apache-2.0"
+    citation = yaml.safe_load((REPO / "CITATION.cff").read_text())
+    paper = citation["preferred-citation"]
+    assert paper["title"] == "Deep Residual Learning for Image Recognition"
+    assert [a["family-names"] for a in paper["authors"]] == ["He", "Zhang", "Ren", "Sun"]
+    assert "1512.03385" in str(paper)
+
+
+def test_eval_equals_the_final_evaluation_and_writes_only_its_file(finished_run, tmp_path,
+                                                                   capsys):
+    workdir = copy_run(finished_run, tmp_path / "run")
+    before = snapshot(workdir)
+    rc, out, err = run_cli(capsys, ["eval", f"--workdir={workdir}"])
+    assert rc == 0, err
+    after = snapshot(workdir)
+    result = json.loads(after.pop("eval-20.json"))
+    assert after == before  # read-only on the run: no renames, no checkpoint writes
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert result["step"] == 20 and result["dataset"] == "digits"
+    assert result["test/error"] == pytest.approx(summary["test/error"], abs=1e-6)
+    assert result["test/loss"] == pytest.approx(metrics(workdir)[-1]["test/loss"], abs=1e-6)
+    assert f"test error {summary['test/error']:.2f}%" in out
+    assert str(workdir / "eval-20.json") in out
+
+
+def test_eval_of_an_earlier_checkpoint_equals_its_evaluation_in_training(finished_run, tmp_path,
+                                                                         capsys):
+    workdir = copy_run(finished_run, tmp_path / "run")
+    rc, _, err = run_cli(capsys, ["eval", f"--workdir={workdir}", "--step=10"])
+    assert rc == 0, err
+    result = json.loads((workdir / "eval-10.json").read_text())
+    logged = next(r for r in metrics(workdir) if r["step"] == 10)
+    assert result["step"] == 10
+    for key in ("test/error", "test/loss"):
+        assert result[key] == pytest.approx(logged[key], abs=1e-6), key
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--step=15"], ["checkpoint 15", "does not exist", "latest, 20"]),
+    (["--step=10"], ["checkpoint 10", "cannot be read", "latest, 20"]),  # damaged, below
+    (["--dataset=synthetic"], ["--dataset=synthetic", "32x32x3", "8x8x1", "digits"]),
+    ([], None)])
+def test_eval_bad_input_is_one_line_and_changes_nothing(finished_run, tmp_path, capsys, args,
+                                                        words):
+    workdir = copy_run(finished_run, tmp_path / "run")
+    for path in (workdir / "checkpoints" / "10").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"\0garbage")
+    before = snapshot(workdir)
+    if words is None:  # not a run
+        workdir, words = tmp_path, ["holds no run", str(tmp_path)]
+    rc, out, err = run_cli(capsys, ["eval", f"--workdir={workdir}", *args])
+    assert_usage_error(rc, out, err, *words)
+    assert snapshot(tmp_path / "run") == before
+
+
+def test_eval_on_another_dataset_keeps_the_runs_preprocessing(tmp_path, capsys):
+    from PIL import Image
+
+    from tests.test_data import make_tree
+
+    make_tree(tmp_path / "a", per_class=(8, 3), size=(8, 8))
+    workdir = tmp_path / "run"
+    rc, _, err = run_cli(capsys, [
+        "train", f"--config={CONFIG}:depth=8,dataset=folder:{tmp_path / 'a'}",
+        "--config.batch_size=8", "--config.total_steps=2", "--config.log_every_steps=1",
+        "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2",
+        f"--workdir={workdir}"])
+    assert rc == 0, err
+    # b: a's test images, but black training images. The evaluation must normalise with the
+    # run's mean image (a's), as training did, so its numbers equal the run's final ones.
+    shutil.copytree(tmp_path / "a" / "test", tmp_path / "b" / "test")
+    for path in (tmp_path / "a" / "train").rglob("*.png"):
+        black = tmp_path / "b" / path.relative_to(tmp_path / "a")
+        black.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(black)
+    rc, out, err = run_cli(capsys, ["eval", f"--workdir={workdir}",
+                                    f"--dataset=folder:{tmp_path / 'b'}"])
+    assert rc == 0, err
+    written = list(workdir.glob("eval-2-*.json"))
+    assert len(written) == 1 and "b" in written[0].name
+    result = json.loads(written[0].read_text())
+    assert result["dataset"] == f"folder:{tmp_path / 'b'}"
+    assert result["test/error"] == pytest.approx(
+        json.loads((workdir / "summary.json").read_text())["test/error"], abs=1e-6)
+    assert result["test/loss"] == pytest.approx(metrics(workdir)[-1]["test/loss"], abs=1e-6)

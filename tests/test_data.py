@@ -188,6 +188,67 @@ def test_folder_interrupted_cache_write_leaves_nothing_to_read(tmp_path, monkeyp
     assert_splits_equal(data.load(f"folder:{tmp_path}").test, data.Split(*expected["test"]))
 
 
+@pytest.mark.parametrize("damage", ["cut", "garbage"])
+def test_folder_corrupt_cache_is_discarded_and_rebuilt(tmp_path, capsys, monkeypatch, damage):
+    monkeypatch.setenv("RESNET_JAX_CACHE", str(tmp_path / "cache"))
+    expected = make_tree(tmp_path)
+    data.load(f"folder:{tmp_path}")
+    [cache] = data.cache_dir().glob("folder-*.npz")
+    whole = cache.read_bytes()
+    cache.write_bytes(whole[:len(whole) // 2] if damage == "cut" else b"\0" * len(whole))
+    capsys.readouterr()
+    assert_splits_equal(data.load(f"folder:{tmp_path}").test, data.Split(*expected["test"]))
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and str(cache) in lines[0] and "decoding" in lines[0]
+    with np.load(cache) as z:  # Rebuilt: the next load is a cache hit again.
+        np.testing.assert_array_equal(z["test_images"], expected["test"][0])
+
+
+def test_unwritable_cache_names_the_variable_and_the_path(tmp_path, monkeypatch):
+    make_tree(tmp_path / "tree")
+    # A cache under a regular file cannot be created, even by root.
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("RESNET_JAX_CACHE", str(tmp_path / "afile" / "cache"))
+    message = load_error(f"folder:{tmp_path / 'tree'}")
+    assert "$RESNET_JAX_CACHE" in message and str(tmp_path / "afile" / "cache") in message
+    assert "workdir" not in message
+
+
+def test_folder_broken_symlink_names_the_image(tmp_path):
+    make_tree(tmp_path)
+    link = tmp_path / "train" / "bee" / "gone.png"
+    link.symlink_to(tmp_path / "nowhere.png")
+    message = load_error(f"folder:{tmp_path}")
+    assert f"cannot read {link}" in message and "broken" in message
+
+
+@pytest.mark.parametrize("what", ["image", "class folder"])
+def test_folder_unreadable_file_or_folder_names_it(tmp_path, monkeypatch, what):
+    # Injected: chmod 000 stops no one when the tests run as root.
+    make_tree(tmp_path)
+    target = tmp_path / "test" / "cat" / ("1.png" if what == "image" else "")
+    target = str(target).rstrip("/")
+    real = {"image": Image.open, "class folder": os.scandir}[what]
+
+    def denied(path, *args, **kwargs):
+        if os.fspath(path) == target:
+            raise PermissionError(13, "Permission denied", target)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(*(Image, "open") if what == "image" else (os, "scandir"), denied)
+    message = load_error(f"folder:{tmp_path}")
+    assert f"cannot read {target}" in message and "Permission denied" in message
+
+
+@pytest.mark.parametrize("times_the_limit", [1.5, 3])  # Pillow warns above 1x, refuses above 2x.
+def test_folder_image_over_the_decompression_bomb_limit_is_named(tmp_path, monkeypatch,
+                                                                 times_the_limit):
+    make_tree(tmp_path)  # 5x4 images
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", int(20 / times_the_limit))
+    message = load_error(f"folder:{tmp_path}")
+    assert "ant/0.png" in message and "pixels" in message and "resize" in message
+
+
 def truncated_png(path):
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), np.uint8)).save(

@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 from resnet_jax import checkpoint, data, pipeline, train
 from resnet_jax.configs import imagenet
 from tests.test_data import png, write_array_record_dataset
-from tests.test_distributed import env, free_port, records
+from tests.test_distributed import GRAD_RTOL, env, free_port, records
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -232,7 +232,10 @@ def test_imagenet_on_two_processes_trains_what_the_mock_run_trains(mock_run, tmp
     for a, b in zip(two, one):
         assert a.keys() == b.keys()
         for key in a:
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], key)
+            # Gradient norms to GRAD_RTOL: a ReLU input within rounding of zero may fall on the
+            # other side under another reduction order (tests/test_distributed.py).
+            rel = GRAD_RTOL if key.startswith("grad_norm") else 1e-4
+            assert a[key] == pytest.approx(b[key], rel=rel, abs=1e-5), (a["step"], key)
     # Parameters and batch statistics; not the momentum (it holds the raw gradient, where a
     # different device count alone moves single components by ~1e-3, even in one process).
     two, one = (checkpoint.read(d / "checkpoints", 2) for d in (workdir, mock_dir))

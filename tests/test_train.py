@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from resnet_jax import data, parallel, train
+from resnet_jax.metrics import TIMING_KEYS
 from resnet_jax.configs import cifar
 from tests.conftest import SHARED_DATASETS
 
@@ -18,6 +19,12 @@ def test_schedule_is_the_papers():
     lr = train.create_lr_schedule(c)
     got = [float(lr(s)) for s in (0, 399, 400, 31_999, 32_000, 47_999, 48_000, 63_999)]
     np.testing.assert_allclose(got, [0.01, 0.01, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
+    # Where the warm-up ended by the rule (the train state holds it), the full rate follows.
+    np.testing.assert_allclose([float(lr(s, 123)) for s in (122, 123)], [0.01, 0.1], rtol=1e-6)
+    # ResNet-110 warms up by the paper's rule, at most 2,000 iterations; ResNet-56 not at all.
+    assert (c.warmup_until_error, c.warmup_error_window_steps) == (80.0, 20)
+    assert cifar.get_config("depth=110").warmup_steps == 2_000
+    assert cifar.get_config("depth=56").warmup_steps == 0
 
 
 def test_batches_are_functions_of_seed_and_step():
@@ -142,7 +149,7 @@ def test_seeds_in_one_program_train_what_each_seed_trains_alone(tmp_path, monkey
     read = lambda name: [json.loads(line) for line in  # noqa: E731
                          (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     for a, b in zip(read("s1"), read("alone1"), strict=True):
-        for key in a.keys() - {"examples_per_sec"}:
+        for key in a.keys() - TIMING_KEYS:
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
     from resnet_jax import checkpoint
     for x, y in zip(jax.tree.leaves(checkpoint.read(tmp_path / "s1" / "checkpoints", 4)),
@@ -159,3 +166,84 @@ def test_seeds_in_one_program_must_differ_only_in_seed(tmp_path):
     with pytest.raises(train.ConfigError, match="distinct seeds"):
         train.train_runs([a, a], [tmp_path / "a", tmp_path / "b"])
     assert not list(tmp_path.iterdir())
+
+
+def test_warmup_ends_after_the_first_window_below_the_error_threshold():
+    """The paper's rule in the compiled step: lr 0.01 until the mean training error of the last
+    3 batches is below 50 %, then 0.1; every device holds the same switch (pmap)."""
+    state, step, batch = tiny_training("depth=8", "pmap", warmup_until_error=50.0,
+                                       warmup_steps=25, warmup_error_window_steps=3)
+    errors, lrs = [], []
+    for _ in range(12):
+        state, metrics = step(state, batch)
+        errors.append(float(metrics["error"]))
+        lrs.append(float(metrics["lr"]))
+    end = next(t + 1 for t in range(2, 12) if np.mean(errors[t - 2:t + 1]) < 50.0)
+    assert 3 <= end < 12  # ended by the rule, not by the cap of 25
+    np.testing.assert_array_equal(np.asarray(state.warmup_end_step), [end] * 8)
+    np.testing.assert_allclose(lrs, [0.01] * end + [0.1] * (12 - end), rtol=1e-6)
+
+
+def test_warmup_switch_is_recorded_and_a_run_resumed_across_it_equals_the_unbroken_one(
+        tmp_path):
+    import shutil
+
+    from resnet_jax import checkpoint
+
+    c = cifar.get_config("depth=8,dataset=digits")
+    c.update(batch_size=32, total_steps=12, log_every_steps=1, eval_every_steps=12,
+             checkpoint_every_steps=2, keep_checkpoints=6, warmup_learning_rate=0.05,
+             warmup_until_error=82.0, warmup_steps=12, warmup_error_window_steps=3,
+             log_diagnostics=False)
+    unbroken = tmp_path / "unbroken"
+    summary = train.train_and_evaluate(c, str(unbroken))
+    read = lambda w: [json.loads(line)  # noqa: E731
+                      for line in (w / "metrics.jsonl").read_text().splitlines()]
+    records = read(unbroken)
+    # The switch: on the record of the last step warmed up, by the rule over the logged errors.
+    (end,) = [int(r["warmup_end_step"]) for r in records if "warmup_end_step" in r]
+    errors = [r["train/error"] for r in records]
+    assert end == next(t + 1 for t in range(2, 12) if np.mean(errors[t - 2:t + 1]) < 82.0)
+    assert 3 <= end < 12 and records[end - 1]["warmup_end_step"] == end
+    np.testing.assert_allclose([r["lr"] for r in records], [0.05] * end + [0.1] * (12 - end),
+                               rtol=1e-6)
+    # Crashed before the switch: only the checkpoints before it survive.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(unbroken, resumed)
+    (resumed / "summary.json").unlink()
+    for path in (resumed / "checkpoints").iterdir():
+        if int(path.name) >= end:
+            shutil.rmtree(path)
+    assert train.train_and_evaluate(c, str(resumed)) == pytest.approx(summary, rel=1e-6)
+    keys = lambda rs: [r.keys() - TIMING_KEYS for r in rs]  # noqa: E731
+    assert keys(read(resumed)) == keys(records)
+    for a, b in zip(read(resumed), records, strict=True):
+        for key in a.keys() - TIMING_KEYS:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    final = [checkpoint.read(w / "checkpoints", 12) for w in (resumed, unbroken)]
+    assert int(final[0]["warmup_end_step"]) == end
+    for x, y in zip(*map(jax.tree.leaves, final), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_not_converged_means_the_net_did_not_train_relative_to_chance(tmp_path):
+    """`converged: false` when the final training error is at least 90 % of chance's error:
+    81 % on 10 classes, 89.1 % on 100; a net that trains badly has converged."""
+    c = cifar.get_config("depth=8")
+    final = {"train/loss": 2.0, "test/error": 85.0}
+    for classes, error, converged in [(10, 80.5, True), (10, 81.0, False), (100, 85.0, True),
+                                      (100, 89.2, False)]:
+        summary = train._finish(c, tmp_path, {**final, "train/error": error}, classes)
+        assert summary["converged"] is converged, (classes, error)
+        assert json.loads((tmp_path / "summary.json").read_text())["converged"] is converged
+    assert summary["not_converged_from_train_error"] == pytest.approx(89.1)
+
+
+@pytest.mark.parametrize("key, value", [("warmup_until_error", -1.0), ("warmup_steps", -5),
+                                        ("warmup_error_window_steps", 0),
+                                        ("not_converged_fraction_of_chance", 0.0)])
+def test_bad_warmup_or_convergence_settings_are_one_line_errors(key, value):
+    c = cifar.get_config("depth=110")
+    c[key] = value
+    with pytest.raises(train.ConfigError, match=f"{key}={value}"):
+        train.check_config(c)
