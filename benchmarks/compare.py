@@ -10,17 +10,19 @@ compute (PyTorch runs float32 here, so compare float32 rows for like with like).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
+from resnet_jax.cli import ArgumentParser
+
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--depths", default="20,56,110")
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser = ArgumentParser("benchmarks.compare", __doc__)
+    parser.add_argument("--depths", default="20,56,110", help="CIFAR ResNet depths")
+    parser.add_argument("--batch", type=int, default=128, help="images per step")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per net and mode")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="JAX's compute dtype (PyTorch runs float32)")
     parser.add_argument("--modes", default="eager,compile",
                         help="PyTorch modes: eager, compile")
     parser.add_argument("--json", help="also write every row to this file")

@@ -1,6 +1,6 @@
 """Interleaved A/B of XLA compiler options on resnet_jax's train step, on this machine:
 
-    python -m benchmarks.xla_options --depth=20 --batch=128 --rounds=3 \
+    python -m benchmarks.xla_options --depth=20 --batch=128 --rounds=3 \\
         --variant='onednn={"xla_cpu_use_onednn": true}' [--variant=NAME=JSON ...]
 
 Variants: `default` (the project's choice, `parallel.compiler_options`), `xla` (XLA's own
@@ -12,10 +12,11 @@ machine's drift hits them alike. Prints the median images/s per variant and its 
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
+
+from resnet_jax.cli import ArgumentParser
 
 EXAMPLE = "--variant='onednn={\"xla_cpu_use_onednn\": true}'"
 
@@ -30,12 +31,14 @@ def parse_variant(text: str) -> tuple[str, dict] | None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--depth", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=128)
+    parser = ArgumentParser("benchmarks.xla_options", __doc__)
+    parser.add_argument("--depth", type=int, default=20, help="CIFAR ResNet depth (6n+2)")
+    parser.add_argument("--batch", type=int, default=128, help="images per step")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant and round")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="times every variant is timed, interleaved")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                        help="XLA options added to the project's, as a JSON object; repeatable")
     args = parser.parse_args(argv)
 
     def fail(message: str) -> int:
