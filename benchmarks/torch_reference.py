@@ -39,20 +39,22 @@ class Block(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    def __init__(self, depth: int, residual: bool = True, num_classes: int = 10):
+    def __init__(self, depth: int, residual: bool = True, num_classes: int = 10,
+                 base_width: int = 16):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"depth={depth} is not 6n+2")
         n = (depth - 2) // 6
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16),
+        w = base_width  # the paper's 16/32/64 filters; narrower for CPU-scale runs
+        self.stem = nn.Sequential(nn.Conv2d(3, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w),
                                   nn.ReLU())
-        blocks, cin = [], 16
-        for stage, cout in enumerate((16, 32, 64)):
+        blocks, cin = [], w
+        for stage, cout in enumerate((w, 2 * w, 4 * w)):
             for i in range(n):
                 blocks.append(Block(cin, cout, 2 if stage and i == 0 else 1, residual))
                 cin = cout
         self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Linear(64, num_classes)
+        self.head = nn.Linear(4 * w, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
