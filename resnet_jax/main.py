@@ -342,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[argv[0]].run(argv[1:])
     except (UsageError, ConfigError, DataError, FloatingPointError) as e:
         print(f"resnet-jax: error: {e}", file=sys.stderr)
+        _nothing_more_at_exit()
         return 2
     except Preempted as e:
         print(f"resnet-jax: {e}", file=sys.stderr)
@@ -352,7 +353,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except OSError as e:
         print(f"resnet-jax: error: {_describe_os_error(e, argv)}", file=sys.stderr)
+        _nothing_more_at_exit()
         return 2
+
+
+def _nothing_more_at_exit() -> None:
+    """Keeps the error line the last one: a checkpoint Orbax failed to restore leaves its other
+    reads as coroutines, which Python finalises at exit and reports as 'Exception ignored in
+    <coroutine ...>' with a TensorStore spec of some 40 lines (tests/test_faults.py)."""
+    sys.unraisablehook = lambda unraisable: None
 
 
 # Errors only a write raises: a full disk or quota, a read-only file system, a too large file.
