@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import errno
 import json
+import logging
 import pathlib
 import re
 import sys
@@ -362,6 +363,7 @@ def _nothing_more_at_exit() -> None:
     reads as coroutines, which Python finalises at exit and reports as 'Exception ignored in
     <coroutine ...>' with a TensorStore spec of some 40 lines (tests/test_faults.py)."""
     sys.unraisablehook = lambda unraisable: None
+    logging.disable(logging.CRITICAL)  # asyncio's "Task exception was never retrieved", too
 
 
 # Errors only a write raises: a full disk or quota, a read-only file system, a too large file.

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import struct
 
 import jax
 
@@ -42,17 +41,21 @@ class MetricsWriter:
         return out
 
     def truncate(self, step: int) -> None:
-        """Drops records after `step`, from metrics.jsonl and TensorBoard's event files: a resumed
-        run rewrites them exactly as it goes. Called before the first write."""
+        """Drops records after `step` from metrics.jsonl, and rebuilds TensorBoard's event files
+        from the records kept: a resumed run rewrites the rest exactly as it goes. metrics.jsonl
+        is the source of truth: a process killed between writing a record there and to
+        TensorBoard leaves the two apart otherwise. Called before the first write."""
         if not self.main:
             return
+        kept = [r for r in self.records() if r["step"] <= step]
         if self.path.exists():
-            kept = [r for r in self.records() if r["step"] <= step]
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
             os.replace(tmp, self.path)
-        for path in sorted(self.tensorboard.glob("events.out.tfevents.*")):
-            _truncate_events(path, step)
+        for path in self.tensorboard.glob("events.out.tfevents.*"):
+            path.unlink()  # first: killed before the rebuild, the next resume rebuilds again
+        for record in kept:
+            self._to_tensorboard(record)
 
     def last_record(self) -> dict:
         records = self.records()
@@ -64,13 +67,16 @@ class MetricsWriter:
         record = {"step": step, **{k: float(v) for k, v in record.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        self._to_tensorboard(record)
+
+    def _to_tensorboard(self, record: dict) -> None:
         if self._tb is None:
             from tensorboardX import SummaryWriter  # imported late: protobuf is slow to load
 
             self._tb = SummaryWriter(str(self.tensorboard))
         for key, value in record.items():
-            if key not in ("step", "time"):  # every TensorBoard event has its own wall time
-                self._tb.add_scalar(key, value, step)
+            if key not in ("step", "time"):  # `time` is each event's own wall time
+                self._tb.add_scalar(key, value, record["step"], walltime=record.get("time"))
         self._tb.flush()
 
     def progress(self, step: int, record: dict, seconds_left: float | None) -> None:
@@ -88,38 +94,6 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
-
-
-def _truncate_events(path: pathlib.Path, step: int) -> None:
-    """Rewrites a TensorBoard event file without its summaries after `step` and without a record
-    cut short by a killed process. Every reader then agrees (TensorBoard's own purge of
-    "orphaned" steps is a display option that other readers do not share).
-
-    An event file is a sequence of TFRecords: length (uint64), its CRC, an Event proto, its CRC.
-    """
-    from tensorboardX.proto.event_pb2 import Event
-
-    data, kept, i = path.read_bytes(), [], 0
-    while i + 12 <= len(data):
-        (length,) = struct.unpack("<Q", data[i:i + 8])
-        end = i + 12 + length + 4
-        if end > len(data):
-            break
-        try:
-            event = Event.FromString(data[i + 12:end - 4])
-        except Exception:  # noqa: BLE001 - protobuf's DecodeError: the rest is not a record
-            break
-        if not (event.HasField("summary") and event.step > step):
-            kept.append(data[i:end])
-        i = end
-    if sum(map(len, kept)) == len(data):
-        return
-    tmp = path.with_name("truncating.tmp")  # no "tfevents" in the name: no reader takes it
-    try:
-        tmp.write_bytes(b"".join(kept))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _duration(seconds: float) -> str:
