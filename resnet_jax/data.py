@@ -58,10 +58,13 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("RESNET_JAX_CACHE") or "~/.cache/resnet_jax").expanduser()
 
 
-def load(name: str, *, validation_size: int = 0, tfds_data_dir: str | None = None) -> Dataset:
+def load(name: str, *, validation_size: int = 0, tfds_data_dir: str | None = None,
+         image_size: int = 0) -> Dataset:
     """Loads dataset `name`, holding out `validation_size` training examples as `validation`.
 
     cifar10 with validation_size=5000 is the 45k/5k split of He et al. 2015, Sec. 4.2.
+    `image_size` > 0 downsamples every image to that side by averaging square blocks of pixels
+    (`downsample`); 0 keeps the dataset's own size.
     """
     if name == "digits":
         num_classes, train, test = _digits()
@@ -73,6 +76,8 @@ def load(name: str, *, validation_size: int = 0, tfds_data_dir: str | None = Non
         num_classes, train, test = _folder(name.removeprefix("folder:"))
     else:
         raise DataError(f"unknown dataset {name!r}: use one of {VALID_NAMES}")
+    if image_size:
+        train, test = (downsample(split, image_size, name) for split in (train, test))
     train, validation = _hold_out(train, validation_size, name)
     return Dataset(name, num_classes, train, test, validation)
 
@@ -89,6 +94,21 @@ def shape_of(name: str) -> tuple[tuple[int, int, int], int]:
         return KNOWN_SHAPES[name]
     ds = load(name)
     return ds.train.images.shape[1:], ds.num_classes
+
+
+def downsample(split: Split, size: int, name: str = "the dataset") -> Split:
+    """`split` with each image the mean of its (side / size)-pixel square blocks, rounded: a
+    lower-resolution copy of the same data (CIFAR-10 at 16x16 trains 4x cheaper)."""
+    side = split.images.shape[1]
+    if size == side:
+        return split
+    if not (0 < size < side and side % size == 0 and split.images.shape[2] == side):
+        raise DataError(f"image_size={size} does not divide {name}'s {side}-pixel square images:"
+                        f" use a divisor of {side} (e.g. {side // 2}), or 0 for the full size")
+    f = side // size
+    n, c = len(split.images), split.images.shape[-1]
+    blocks = split.images.reshape(n, size, f, size, f, c).mean(axis=(2, 4), dtype=np.float32)
+    return Split(np.round(blocks).astype(np.uint8), split.labels)
 
 
 def _hold_out(train: Split, n: int, name: str) -> tuple[Split, Split | None]:

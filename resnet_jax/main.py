@@ -229,7 +229,8 @@ def _eval(argv) -> int:
             raise UsageError(f"--dataset={other}: eval on another dataset needs in-memory "
                              f"datasets (CIFAR-sized, digits, folders), not {config.dataset} "
                              "and another streamed one")
-        evaluated = data.load(other, tfds_data_dir=config.tfds_data_dir or None)
+        evaluated = data.load(other, tfds_data_dir=config.tfds_data_dir or None,
+                              image_size=config.get("image_size", 0))
         have, need = ((d.num_classes, d.test.images.shape[1:]) for d in (evaluated, ds))
         if have != need:
             raise UsageError(

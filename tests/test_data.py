@@ -110,6 +110,23 @@ def test_eval_subset_is_a_fixed_random_sample_in_original_order():
     assert len(data.subset(split, 5000).labels) == 1000
 
 
+def test_image_size_averages_pixel_blocks_of_train_and_test():
+    full, half = data.load("synthetic"), data.load("synthetic", image_size=16)
+    assert half.train.images.shape == (2048, 16, 16, 3) and half.test.images.shape == (512, 16, 16, 3)
+    assert half.train.images.dtype == np.uint8
+    # Pixel (1, 2) of image 5 is the rounded mean of the 2x2 block at rows 2-3, columns 4-5.
+    block = full.train.images[5, 2:4, 4:6].astype(np.float64).mean(axis=(0, 1))
+    np.testing.assert_array_equal(half.train.images[5, 1, 2], np.round(block).astype(np.uint8))
+    np.testing.assert_array_equal(half.test.labels, full.test.labels)
+    assert data.load("synthetic", image_size=32).train.images.shape[1:] == (32, 32, 3)
+
+
+@pytest.mark.parametrize("size", [3, 64])
+def test_image_size_that_does_not_divide_the_side_is_one_line(size):
+    message = load_error("digits", image_size=size)
+    assert f"image_size={size}" in message and "8-pixel" in message and "divisor" in message
+
+
 @pytest.mark.parametrize("size", [-1, 1497])
 def test_validation_size_out_of_range(size):
     message = load_error("digits", validation_size=size)
