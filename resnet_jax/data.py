@@ -59,12 +59,14 @@ def cache_dir() -> pathlib.Path:
 
 
 def load(name: str, *, validation_size: int = 0, tfds_data_dir: str | None = None,
-         image_size: int = 0) -> Dataset:
+         image_size: int = 0, train_size: int = 0) -> Dataset:
     """Loads dataset `name`, holding out `validation_size` training examples as `validation`.
 
     cifar10 with validation_size=5000 is the 45k/5k split of He et al. 2015, Sec. 4.2.
     `image_size` > 0 downsamples every image to that side by averaging square blocks of pixels
-    (`downsample`); 0 keeps the dataset's own size.
+    (`downsample`); 0 keeps the dataset's own size. `train_size` > 0 trains on a fixed random
+    subset of that many of the remaining training examples (the same for every run and seed),
+    for studies that need many epochs in few iterations; the test split stays whole.
     """
     if name == "digits":
         num_classes, train, test = _digits()
@@ -79,6 +81,12 @@ def load(name: str, *, validation_size: int = 0, tfds_data_dir: str | None = Non
     if image_size:
         train, test = (downsample(split, image_size, name) for split in (train, test))
     train, validation = _hold_out(train, validation_size, name)
+    if train_size:
+        if not 0 < train_size <= len(train.labels):
+            raise DataError(f"train_size={train_size} is out of range: {name} has "
+                            f"{len(train.labels)} training examples left, so use 1 up to "
+                            f"{len(train.labels)}, or 0 for all of them")
+        train = subset(train, train_size)
     return Dataset(name, num_classes, train, test, validation)
 
 

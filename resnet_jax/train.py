@@ -67,6 +67,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
          "resnet_jax/configs/imagenet.py or set --config.image_size")
     need(config.get("image_size", 0) >= 0,
          f"image_size={config.get('image_size')} must be >= 0 (0 = the dataset's own size)")
+    need(config.get("train_size", 0) >= 0,
+         f"train_size={config.get('train_size')} must be >= 0 (0 = the whole training split)")
     need(config.eval_subset >= 0,
          f"eval_subset={config.eval_subset} must be >= 0 (0 = the whole split)")
     need(config.bn_group_size >= 0 and (config.bn_group_size == 0
@@ -346,7 +348,8 @@ def create_feed(config, backend: parallel.Backend, seeds: tuple[int, ...] = ()):
         return pipeline.StreamFeed(config, backend)
     ds = data.load(config.dataset, validation_size=config.validation_size,
                    tfds_data_dir=config.tfds_data_dir or None,
-                   image_size=config.get("image_size", 0))
+                   image_size=config.get("image_size", 0),
+                   train_size=config.get("train_size", 0))
     return data.DeviceFeed(ds, config, backend, seeds)
 
 
@@ -373,7 +376,8 @@ def restore_trained(workdir: str | pathlib.Path, step: int | None = None):
         ds, num_classes, in_channels = None, pipeline.num_classes(config.dataset, data_dir), 3
     else:
         ds = data.load(config.dataset, validation_size=config.validation_size,
-                       tfds_data_dir=data_dir, image_size=config.get("image_size", 0))
+                       tfds_data_dir=data_dir, image_size=config.get("image_size", 0),
+                       train_size=config.get("train_size", 0))
         num_classes, in_channels = ds.num_classes, ds.train.images.shape[-1]
     model = create_model(config, num_classes=num_classes, in_channels=in_channels)
     graphdef, state = create_train_state(model, create_optimizer(config),

@@ -127,6 +127,22 @@ def test_image_size_that_does_not_divide_the_side_is_one_line(size):
     assert f"image_size={size}" in message and "8-pixel" in message and "divisor" in message
 
 
+def test_train_size_is_a_fixed_subset_of_train_and_leaves_test_whole():
+    full = data.load("digits", validation_size=300)
+    part = data.load("digits", validation_size=300, train_size=500)
+    assert part.train.images.shape == (500, 8, 8, 1)
+    assert_splits_equal(part.train, data.subset(full.train, 500))  # fixed, whatever the seed
+    assert_splits_equal(part.test, full.test)
+    assert_splits_equal(part.validation, full.validation)  # held out first, never trained on
+    assert len(set(part.train.labels)) == 10
+
+
+@pytest.mark.parametrize("size", [-3, 1198])
+def test_train_size_out_of_range_is_one_line(size):
+    message = load_error("digits", validation_size=300, train_size=size)
+    assert f"train_size={size}" in message and "1197" in message
+
+
 @pytest.mark.parametrize("size", [-1, 1497])
 def test_validation_size_out_of_range(size):
     message = load_error("digits", validation_size=size)

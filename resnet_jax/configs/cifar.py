@@ -51,6 +51,9 @@ def get_config(arg=None):
     # 0: the dataset's own size; a divisor of it downsamples every image (train and test) by
     # averaging pixel blocks, e.g. 16 on CIFAR: 4x cheaper steps for CPU-scale studies.
     c.image_size = 0
+    # 0: every training example; N: a fixed random N of them (the same for every seed), e.g. for
+    # many epochs of a small set within a CPU budget. The test split is always whole.
+    c.train_size = 0
     c.validation_size = 0  # 5000 gives the paper's 45k/5k train/validation split
     c.crop_padding = -1  # pixels of padding before the random crop; -1 = image side / 8 (4 on 32)
     c.flip = True
