@@ -134,13 +134,14 @@ PRESETS = {
 def collect(root: pathlib.Path) -> list[dict]:
     """Every finished run under root: its arguments, curves and summary. A damaged config.json
     or summary.json is a ConfigError naming it."""
+    from resnet_jax.metrics import read_records
     from resnet_jax.train import read_run_json
 
     out = []
     for summary_path in sorted(root.glob("*/summary.json")):
         run_dir = summary_path.parent
         config = read_run_json(run_dir / "config.json")
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        records = read_records(run_dir / "metrics.jsonl")  # as the trainer reads it: cut lines out
         out.append({"name": run_dir.name, "depth": config["depth"],
                     "residual": config["residual"], "seed": config["seed"], "config": config,
                     "summary": read_run_json(summary_path), "curve": records})

@@ -21,10 +21,27 @@ import threading
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
+
+
+def _orbax():
+    """orbax.checkpoint, imported at first use: it takes a third of a second, which commands
+    that import this module through train.py but never checkpoint (`resnet-jax summary`) need
+    not pay."""
+    import orbax.checkpoint
+
+    return orbax.checkpoint
+
+
+class _ReadOnlyIsNoNews(logging.Filter):
+    """Drops Orbax's 'Given directory is read only' warning, which every read-only manager logs:
+    reading a run without touching it (`resnet-jax eval`, analyses) is what read_only is for,
+    not something to warn a user of."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
 
 
 class RestoreError(ValueError):
@@ -47,11 +64,20 @@ WRITE_FAILURES = {"No space left on device": errno.ENOSPC, "File too large": err
 
 class Checkpointer:
     def __init__(self, directory: pathlib.Path, *, keep: int, read_only: bool = False):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+        ocp = _orbax()
+        # Read-only: the settings Orbax would force (with a warning each), given as it wants them.
+        keeping = ({"max_to_keep": None, "save_interval_steps": 0} if read_only
+                   else {"max_to_keep": keep})
+        options = ocp.CheckpointManagerOptions(**keeping, create=not read_only,
                                                read_only=read_only,
                                                enable_async_checkpointing=False)
         self.directory = directory.absolute()
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        quiet, absl_log = _ReadOnlyIsNoNews(), logging.getLogger("absl")  # Orbax logs via absl
+        absl_log.addFilter(quiet)
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
+        finally:
+            absl_log.removeFilter(quiet)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -60,7 +86,7 @@ class Checkpointer:
         """Writes `step`; a failed write (a full disk) leaves only Orbax's temporary directory,
         which no restore mistakes for a checkpoint, and raises OSError."""
         try:
-            self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+            self.manager.save(step, args=_orbax().args.StandardSave(state), force=True)
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - Orbax and TensorStore wrap OS errors variously
             # The reason's own errno, so that the CLI reports it as the failed write it is.
@@ -77,6 +103,7 @@ class Checkpointer:
         Raises SetupMismatch when a checkpoint that fails to restore holds other shapes or
         another structure than `target`: a changed dataset or model, not damage.
         """
+        ocp = _orbax()
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         unreadable = []
         for step in sorted((s for s in self.manager.all_steps() if steps is None or s in steps),
@@ -220,6 +247,7 @@ class WorkdirLock:
 def read(directory: str | pathlib.Path, step: int):
     """Checkpoint `step` under `directory` as NumPy arrays, whatever devices or processes wrote
     it: for analyses and tests, not for resuming (that is `Checkpointer.restore_latest`)."""
+    ocp = _orbax()
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     with ocp.CheckpointManager(pathlib.Path(directory).absolute(),
                                item_handlers=ocp.StandardCheckpointHandler()) as manager:

@@ -16,8 +16,11 @@ import dataclasses
 import errno
 import json
 import logging
+import os
 import pathlib
 import re
+import select
+import signal
 import sys
 import textwrap
 from collections.abc import Callable
@@ -321,7 +324,45 @@ def _help(command: str | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        status = _main(sys.argv[1:] if argv is None else argv)
+        sys.stdout.flush()  # here, not at exit, where a reader that left would be reported
+        return status
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise
+        # `resnet-jax --help | head -1`: the reader has what it wanted. Stop as a Unix tool stops
+        # on SIGPIPE (Python ignores it), quietly; stdout goes to /dev/null so that the exit's
+        # flush of what is left has nowhere to fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe or socket whose reading end was closed: the broken pipe was
+    stdout's, not a data loader's or a coordinator's."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no stdout, or one with no file (captured)
+        return False
+
+
+def _raised_by(module: str, name: str) -> type[BaseException]:
+    """The exception class `module.name` when a command has imported `module`, else one nothing
+    raises: what a module never imported cannot have raised. Used as an except clause's type,
+    which Python evaluates only when an exception arrives, so that `summary` does not import
+    the training stack (Orbax, optax, grain) just to name the errors it might catch."""
+    loaded = sys.modules.get(module)
+    return getattr(loaded, name) if loaded is not None else _NeverRaised
+
+
+class _NeverRaised(Exception):
+    pass
+
+
+def _main(argv: list[str]) -> int:
     if argv and argv[0] in ("--help", "-h", "help"):
         if argv[1:2] and argv[1] not in COMMANDS:
             argv = argv[1:]  # an unknown command, said below
@@ -336,17 +377,14 @@ def main(argv: list[str] | None = None) -> int:
     if "--help" in argv or "-h" in argv:
         print(_help(argv[0]))
         return 0
-    from resnet_jax.checkpoint import Preempted
-    from resnet_jax.data import DataError
-    from resnet_jax.train import ConfigError
-
     try:
         return COMMANDS[argv[0]].run(argv[1:])
-    except (UsageError, ConfigError, DataError, FloatingPointError) as e:
+    except (UsageError, _raised_by("resnet_jax.train", "ConfigError"),
+            _raised_by("resnet_jax.data", "DataError"), FloatingPointError) as e:
         print(f"resnet-jax: error: {e}", file=sys.stderr)
         _nothing_more_at_exit()
         return 2
-    except Preempted as e:
+    except _raised_by("resnet_jax.checkpoint", "Preempted") as e:
         print(f"resnet-jax: {e}", file=sys.stderr)
         return 128 + e.signum  # 143 for SIGTERM, what schedulers expect; 130 for SIGINT
     except KeyboardInterrupt:  # Ctrl-C outside the training loop, which checkpoints instead
@@ -354,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
               "was taken; rerun the same command to continue", file=sys.stderr)
         return 130
     except OSError as e:
+        if isinstance(e, BrokenPipeError) and _stdout_reader_gone():
+            raise  # no error of the command: main stops quietly
         print(f"resnet-jax: error: {_describe_os_error(e, argv)}", file=sys.stderr)
         _nothing_more_at_exit()
         return 2

@@ -21,6 +21,18 @@ import jax
 TIMING_KEYS = frozenset({"time", "examples_per_sec", "eval_seconds", "checkpoint_seconds"})
 
 
+def read_records(path: pathlib.Path) -> list[dict]:
+    """The complete records of a metrics.jsonl; a line cut short by a killed process is not one
+    (the resumed run writes it again), for the trainer and every reader alike."""
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
 class MetricsWriter:
     def __init__(self, workdir: pathlib.Path, *, total_steps: int, label: str = ""):
         self.path = workdir / "metrics.jsonl"
@@ -31,14 +43,7 @@ class MetricsWriter:
         self._tb = None  # opened at the first write, after `truncate` has cut the old files
 
     def records(self) -> list[dict]:
-        """The complete records on disk; a line cut short by a killed process is not one."""
-        out = []
-        for line in self.path.read_text().splitlines() if self.path.exists() else []:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-        return out
+        return read_records(self.path) if self.path.exists() else []
 
     def truncate(self, step: int) -> None:
         """Drops records after `step` from metrics.jsonl, and rebuilds TensorBoard's event files

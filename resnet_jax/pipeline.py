@@ -28,12 +28,15 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 
-import grain
 import jax
 import numpy as np
 from PIL import Image
 
 from resnet_jax import data
+
+# grain is imported where a stream is built: with Orbax, which it imports, it takes about half a
+# second, which everything that imports train.py but streams nothing (CIFAR-sized sets,
+# `resnet-jax summary`) need not pay.
 
 STREAMED = ("imagenet2012",)
 # ImageNet's per-channel mean in [0, 1]; subtracted on the device. (The paper subtracts the
@@ -169,6 +172,8 @@ class _EvalShare:
 def train_stream(examples: Sequence[dict], *, seed: int, batch_size: int, image_size: int,
                  flip: bool, num_steps: int, part: tuple[int, int] = (0, 1)) -> grain.MapDataset:
     """Batch s of this is process part[0]'s share (rows) of global training batch s."""
+    import grain
+
     p, count = part
     stream = (grain.MapDataset.source(examples).shuffle(seed=seed).repeat()
               .random_map(_Augment(image_size, flip), seed=seed + 1))
@@ -182,6 +187,8 @@ def eval_stream(examples: Sequence[dict], *, batch_size: int, image_size: int,
                 ) -> grain.MapDataset:
     """Process part[0]'s share of the evaluation batches over `indices` (default: all), the last
     batch padded; 'mask' marks the real examples."""
+    import grain
+
     p, count = part
     indices = np.arange(len(examples)) if indices is None else indices
     local, steps = batch_size // count, -(-len(indices) // batch_size)
@@ -192,6 +199,8 @@ def eval_stream(examples: Sequence[dict], *, batch_size: int, image_size: int,
 def iterate(batches: grain.MapDataset, *, threads: int, workers: int = 0) -> Iterator[dict]:
     """Batches in order, made ahead by `threads` threads (one batch each) in this process, or
     in each of `workers` grain worker processes. The order never depends on either."""
+    import grain
+
     ds = batches.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                                    prefetch_buffer_size=2 * threads))
     if workers:

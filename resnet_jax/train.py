@@ -79,6 +79,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for key in ("learning_rate", "warmup_learning_rate", "lr_decay_factor", "weight_decay"):
         need(config[key] >= 0, f"{key}={config[key]} must be >= 0")
     need(0 <= config.momentum < 1, f"momentum={config.momentum} must be in [0, 1) (the paper: 0.9)")
+    # Batch norm's running averages keep bn_momentum of the old value per step: at 1 they never
+    # leave their initial values, and evaluation would normalise with those.
+    need(0 <= config.bn_momentum < 1,
+         f"bn_momentum={config.bn_momentum} must be in [0, 1) (the default: 0.9)")
     boundaries = tuple(config.lr_boundaries_steps)
     need(min(boundaries, default=0) >= 0,
          f"lr_boundaries_steps={boundaries} holds a negative step: give steps >= 0")
@@ -108,6 +112,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 # outside: a cut copy, a full disk on another tool's write, an edit).
 _RUN_JSON_FIX = {"summary.json": "delete it and rerun to write it again",
                  "config.json": "restore it, or train in a new --workdir"}
+# What readers of summary.json use (a rerun, sweeps, reports), so that an edited one is named here.
+_SUMMARY_KEYS = ("step", "train/error", "test/error")
 
 
 def read_run_json(path: pathlib.Path) -> dict:
@@ -122,6 +128,9 @@ def read_run_json(path: pathlib.Path) -> dict:
         raise ConfigError(f"{path} is cut short or not JSON ({e}): {fix}") from None
     if not isinstance(obj, dict):
         raise ConfigError(f"{path} holds no JSON object: {fix}")
+    missing = [key for key in _SUMMARY_KEYS if key not in obj]
+    if path.name == "summary.json" and missing:
+        raise ConfigError(f"{path} has no {', '.join(map(repr, missing))}: {fix}")
     return obj
 
 

@@ -130,6 +130,9 @@ BAD_INPUTS = {  # id -> (arguments after `train`, words the error must contain)
                                       ["warmup_learning_rate=-0.01"]),
     "negative-momentum": ([*TINY, "--config.momentum=-0.9"], ["momentum=-0.9", "[0, 1)"]),
     "momentum-of-one": ([*TINY, "--config.momentum=1.0"], ["momentum=1.0", "[0, 1)"]),
+    "negative-bn-momentum": ([*TINY, "--config.bn_momentum=-0.1"],
+                             ["bn_momentum=-0.1", "[0, 1)"]),
+    "bn-momentum-of-one": ([*TINY, "--config.bn_momentum=1.0"], ["bn_momentum=1.0", "[0, 1)"]),
     "negative-weight-decay": ([*TINY, "--config.weight_decay=-0.0001"],
                               ["weight_decay=-0.0001"]),
     "negative-lr-decay-factor": ([*TINY, "--config.lr_decay_factor=-0.1"],
@@ -238,7 +241,7 @@ def test_unwritable_data_cache_names_the_variable_not_the_workdir(tmp_path, caps
 
 @pytest.mark.parametrize("errno_, where, is_write", [
     (13, "elsewhere", False), (5, "workdir", False), (13, "workdir", True),
-    (28, "elsewhere", True)])  # EACCES, EIO, EACCES, ENOSPC
+    (28, "elsewhere", True), (32, "elsewhere", False)])  # EACCES, EIO, EACCES, ENOSPC, EPIPE
 def test_os_error_is_described_as_a_write_only_when_it_is_one(tmp_path, capsys, monkeypatch,
                                                               errno_, where, is_write):
     from resnet_jax import train
@@ -264,11 +267,19 @@ def cut(path):
     path.write_text(text[:len(text) // 2])
 
 
-@pytest.mark.parametrize("name, fix", [("summary.json", "delete it"),
-                                       ("config.json", "new --workdir")])
-def test_cut_run_json_is_one_line_naming_it(finished_run, tmp_path, capsys, name, fix):
+def drop_step(path):
+    """Valid JSON that lost a key its readers use (an edit, another tool's rewrite)."""
+    summary = json.loads(path.read_text())
+    del summary["step"]
+    path.write_text(json.dumps(summary))
+
+
+@pytest.mark.parametrize("name, damage, fix", [("summary.json", cut, "delete it"),
+                                               ("summary.json", drop_step, "delete it"),
+                                               ("config.json", cut, "new --workdir")])
+def test_cut_run_json_is_one_line_naming_it(finished_run, tmp_path, capsys, name, damage, fix):
     workdir = copy_run(finished_run, tmp_path / "run")
-    cut(workdir / name)
+    damage(workdir / name)
     before = snapshot(workdir)
     rc, out, err = run_cli(capsys, train_argv(workdir))
     assert_usage_error(rc, out, err, str(workdir / name), fix)
@@ -290,10 +301,11 @@ def test_load_trained_names_a_cut_config(finished_run, tmp_path):
         train.load_trained(workdir)
 
 
-@pytest.mark.parametrize("name", ["summary.json", "config.json"])
+@pytest.mark.parametrize("name, damage", [("summary.json", cut), ("summary.json", drop_step),
+                                          ("config.json", cut)])
 @pytest.mark.parametrize("command", ["sweep", "degradation", "ablations", "layer_responses"])
 def test_cut_run_json_in_a_sweep_is_one_line_naming_it(finished_run, tmp_path, capsys, command,
-                                                       name):
+                                                       name, damage):
     from experiments import ablations, degradation, layer_responses
     from experiments.sweep import Run, run_sweep_command
 
@@ -301,7 +313,7 @@ def test_cut_run_json_in_a_sweep_is_one_line_naming_it(finished_run, tmp_path, c
         pytest.skip("layer_responses reads no summary")
     run = Run("depth=8,dataset=digits", {"total_steps": 30})  # unfinished: reads config.json
     workdir = copy_run(finished_run, tmp_path / "root" / run.name)
-    cut(workdir / name)
+    damage(workdir / name)
     root = f"--root={tmp_path / 'root'}"
     capsys.readouterr()
     rc = {"sweep": lambda: run_sweep_command("sweep", [run], tmp_path / "root"),
@@ -315,6 +327,21 @@ def test_cut_run_json_in_a_sweep_is_one_line_naming_it(finished_run, tmp_path, c
     if (command, name) == ("sweep", "config.json"):  # that run fails, named with its reason
         lines = [line for line in lines if line.startswith(f"  {workdir}:")]
     assert len(lines) == 1 and str(workdir / name) in lines[0], err
+
+
+def test_report_reads_a_cut_metrics_line_as_the_trainer_does(finished_run, tmp_path):
+    """A run killed mid-write leaves half a line at the end of metrics.jsonl; its resume drops
+    it (metrics.MetricsWriter.records), and a report of the sweep leaves it out the same way."""
+    from experiments import degradation
+    from resnet_jax.metrics import MetricsWriter
+
+    workdir = copy_run(finished_run, tmp_path / "root" / "run")
+    complete = metrics(workdir)
+    with (workdir / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 25, "train/loss": 1.0})[:12])
+    [run] = degradation.collect(tmp_path / "root")
+    assert run["curve"] == complete
+    assert MetricsWriter(workdir, total_steps=20).records() == complete
 
 
 # --- A run, its outputs, and resuming it ---------------------------------------------------
@@ -485,6 +512,18 @@ def test_summary_of_config_computes_and_compiles_nothing(capsys):
     info = json.loads(out)
     built = summary.describe(models.cifar_resnet(14, width=5, rngs=nnx.Rngs(0)), (32, 32, 3))
     assert {k: v for k, v in info.items() if k != "config"} == json.loads(json.dumps(built))
+
+
+def test_summary_of_config_imports_no_checkpointing_or_input_pipeline():
+    """Orbax and grain (which imports Orbax) took about a fifth of `resnet-jax summary`'s time
+    for one net (benchmarks/summary_time.py): counting a net needs neither."""
+    code = ("import sys; from resnet_jax.main import main; "
+            f"main(['summary', '--config={CONFIG}:depth=8', '--json']); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'orbax', 'grain'}))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "[]"
 
 
 # --- compilation cache ---------------------------------------------------------------------
@@ -689,6 +728,23 @@ def test_stray_argument_is_one_line_naming_it(tmp_path, capsys, command, args, w
     assert out == "" and not workdir.exists()
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"],
+                                  ["summary", f"--config={CONFIG}:depth=8"]])
+def test_output_to_a_reader_that_left_ends_quietly(argv):
+    """`resnet-jax --help | head -1`: head leaves after a line, and every later write to the
+    pipe fails. That is the reader's choice, not an error: no traceback, and the exit status of
+    a Unix tool stopped by SIGPIPE (141)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has left before the first write: the same, without a race
+    try:
+        proc = subprocess.run([sys.executable, "-m", "resnet_jax.main", *argv], cwd=REPO,
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120,
+                              env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (141, "")
+
+
 ENTRY_POINTS = ["experiments.degradation", "experiments.ablations", "experiments.layer_responses",
                 "benchmarks.accuracy_ab", "benchmarks.compare", "benchmarks.summary_time",
                 "benchmarks.xla_options"]
@@ -826,6 +882,17 @@ def test_eval_equals_the_final_evaluation_and_writes_only_its_file(finished_run,
     assert result["test/loss"] == pytest.approx(metrics(workdir)[-1]["test/loss"], abs=1e-6)
     assert f"test error {summary['test/error']:.2f}%" in out
     assert str(workdir / "eval-20.json") in out
+
+
+def test_eval_says_nothing_of_reading_read_only(finished_run, tmp_path):
+    """Orbax warns 'Given directory is read only' for every read-only checkpoint manager, and
+    reading without touching the run is what eval promises: no warning for it."""
+    workdir = copy_run(finished_run, tmp_path / "run")
+    proc = subprocess.run([sys.executable, "-m", "resnet_jax.main", "eval", f"--workdir={workdir}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr
+    assert "read only" not in proc.stderr and "read_only" not in proc.stderr, proc.stderr
 
 
 def test_eval_of_an_earlier_checkpoint_equals_its_evaluation_in_training(finished_run, tmp_path,
