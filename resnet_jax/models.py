@@ -11,21 +11,25 @@ Models hold no mesh, device or process logic. Batch norm is told from outside (`
 which examples share statistics: the training side sets the axis name or the group size.
 Call a model as `model(images, train=True|False)`, or `forward(model, images, train=...)` for
 the logits and the depth diagnostics (Fig. 7 responses, branch ratios); NHWC images, float32
-logits. `scan_blocks=True` holds each stretch of identical blocks as one `BlockRun`, its
-parameters stacked and its blocks run under one `jax.lax.scan` (same numbers, compile time flat
-in depth; benchmarks/RESULTS.md).
+logits.
+
+Two choices serve speed, not the paper, and live in their own modules: `scan_blocks=True` runs
+each stretch of identical blocks under one `jax.lax.scan` (scan.py: the same numbers, compile
+time flat in depth), and `convolution` is the convolution every conv layer calls, which the
+training side picks for its platform (xla_cpu.py: the same numbers, faster gradients on CPU).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from resnet_jax.scan import BlockRun, group_runs
 
 # He et al. 2015 initialise conv weights as N(0, 2/n), n = k*k*out_channels (Sec. 3.4, [13]).
 # Jitted once per kernel shape: eager construction then costs one cached call per layer, where a
@@ -107,94 +111,195 @@ class BatchNorm(nnx.Module):
 
 
 def conv(cin: int, cout: int, k: int, stride: int, dtype, rngs: nnx.Rngs, *,
-         canonical_grads: bool = False) -> nnx.Conv:
-    """`canonical_grads`: gradients through `conv_with_canonical_grads` on every platform (for
-    scanned blocks); otherwise on CPU only, where they are faster (benchmarks/RESULTS.md)."""
+         convolution: Callable = jax.lax.conv_general_dilated) -> nnx.Conv:
     # Symmetric padding k//2, as in the paper's Torch/Caffe code (XLA's 'SAME' pads unevenly).
     return nnx.Conv(
         cin, cout, (k, k), strides=stride, padding=[(k // 2, k // 2)] * 2, use_bias=False,
-        kernel_init=he_normal, dtype=dtype, rngs=rngs,
-        conv_general_dilated=conv_with_canonical_grads if canonical_grads
-        else conv_with_canonical_grads_on_cpu,
+        kernel_init=he_normal, dtype=dtype, rngs=rngs, conv_general_dilated=convolution,
     )
 
 
-NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
+class Shortcut(nnx.Module):
+    """The paper's shortcut options (Sec. 3.3): what is added to the residual branch's output.
 
-
-def conv_with_canonical_grads(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                              rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                              precision=None, *, everywhere: bool = True, **kwargs):
-    """`jax.lax.conv_general_dilated` whose gradients are NHWC x HWIO convolutions too.
-
-    JAX differentiates a convolution into convolutions with other dimension orders (OIHW-like
-    kernels, batch as features). XLA CPU rewrites those into the NHWC x HWIO form its fast
-    (Eigen) convolution needs only in a program's top level, not inside loops: in a scanned
-    block they ran through a generic loop nest, a train step 10x slower (ResNet-20, 2-core CPU).
-    Here the backward pass states them in that form itself, with explicit transposes: the same
-    arithmetic as XLA's rewrite, the same values (bit for bit in tests/test_models.py). Anything
-    but a plain 2-D NHWC x HWIO convolution goes to `jax.lax.conv_general_dilated` unchanged,
-    as does everything off CPU unless `everywhere` (scanned blocks).
+    A: identity; where the shape changes, subsample and zero-pad the new channels (no parameters;
+       the paper's CIFAR choice, Sec. 4.2). B: a 1x1 projection (+ BN) only where the shape changes.
+    C: a projection on every block. Pre-activation blocks project without BN (He et al. 2016).
     """
-    plain = (lhs.ndim == 4 and feature_group_count == 1 and precision is None
-             and not isinstance(padding, str)
-             and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-             and all(v is None for v in kwargs.values())
-             and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-             == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC_HWIO))
-    on_cpu = jax.default_backend() == "cpu"
-    if plain and (everywhere or on_cpu):
-        return _nhwc_conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)), on_cpu)
-    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
-                                        rhs_dilation, dimension_numbers, feature_group_count,
-                                        precision=precision, **kwargs)
+
+    def __init__(self, cin, cout, stride, option, *, preact, bn, dtype, rngs,
+                 convolution=jax.lax.conv_general_dilated):
+        self.cin, self.cout, self.stride = cin, cout, stride
+        self.changes_shape = stride != 1 or cin != cout
+        self.project = option == "C" or (option == "B" and self.changes_shape)
+        if self.project:
+            self.conv = conv(cin, cout, 1, stride, dtype, rngs, convolution=convolution)
+            self.bn = None if preact else BatchNorm(cout, bn)
+
+    def __call__(self, x, *, train):
+        if self.project:
+            y = self.conv(x)
+            return y if self.bn is None else self.bn(y, train=train)
+        if self.stride != 1:
+            x = x[:, :: self.stride, :: self.stride, :]
+        if self.cout != self.cin:
+            x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, self.cout - self.cin)))
+        return x
 
 
-def conv_with_canonical_grads_on_cpu(*args, **kwargs):
-    """`conv_with_canonical_grads` on CPU, `jax.lax.conv_general_dilated` elsewhere."""
-    return conv_with_canonical_grads(*args, everywhere=False, **kwargs)
+class Block(nnx.Module):
+    """A residual block (or its plain twin): basic (two 3x3) or bottleneck (1x1, 3x3, 1x1).
+
+    Post-activation (He et al. 2015): conv-BN-ReLU ... conv-BN, add shortcut, ReLU.
+    Pre-activation (He et al. 2016): BN-ReLU-conv ... BN-ReLU-conv, add shortcut.
+    The stride sits on the 3x3 conv in bottlenecks (as in most reimplementations; same counts).
+    """
+
+    def __init__(self, cin, cout, stride, *, bottleneck, residual, shortcut, preact, bn, dtype,
+                 rngs, convolution=jax.lax.conv_general_dilated):
+        self.preact = preact
+        if bottleneck:
+            mid = cout // 4
+            specs = [(cin, mid, 1, 1), (mid, mid, 3, stride), (mid, cout, 1, 1)]
+        else:
+            specs = [(cin, cout, 3, stride), (cout, cout, 3, 1)]
+        self.kernel_sizes = tuple(k for _, _, k, _ in specs)
+        self.convs = nnx.List([conv(i, o, k, s, dtype, rngs, convolution=convolution)
+                               for i, o, k, s in specs])
+        # Post-activation normalises each conv's output; pre-activation each conv's input.
+        bn_features = [i for i, *_ in specs] if preact else [o for _, o, *_ in specs]
+        self.bns = nnx.List([BatchNorm(f, bn) for f in bn_features])
+        self.shortcut = (
+            Shortcut(cin, cout, stride, shortcut, preact=preact, bn=bn, dtype=dtype, rngs=rngs,
+                     convolution=convolution)
+            if residual else None
+        )
+
+    def __call__(self, x, *, train):
+        if self.preact:
+            y, pre = x, None
+            for i, (c, bn) in enumerate(zip(self.convs, self.bns)):
+                y = nnx.relu(bn(y, train=train))
+                pre = y if i == 0 else pre
+                y = c(y)
+            if self.shortcut is None:
+                return y
+            # Where the shortcut projects or the shape changes (a stage's first block), BN-ReLU
+            # comes before the split and the shortcut too takes the pre-activated input; a pure
+            # identity takes the raw input (He et al. 2016 and its code, resnet-1k-layers).
+            shortcut = self.shortcut(
+                pre if self.shortcut.project or self.shortcut.changes_shape else x, train=train)
+            sow_branch_ratio(self, y, shortcut)
+            return y + shortcut
+        y = x
+        last = len(self.convs) - 1
+        for i, (c, bn) in enumerate(zip(self.convs, self.bns)):
+            y = bn(c(y), train=train)
+            if self.kernel_sizes[i] == 3:
+                sow_response(self, y)
+            if i < last:
+                y = nnx.relu(y)
+        if self.shortcut is not None:
+            shortcut = self.shortcut(x, train=train)
+            sow_branch_ratio(self, y, shortcut)
+            y = y + shortcut
+        return nnx.relu(y)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _nhwc_conv(x, w, strides, padding, materialize):
-    return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC_HWIO)
+class ResNet(nnx.Module):
+    """Stem, stages of blocks, global average pooling, a dense layer to the classes.
+
+    `scan_blocks`: each stretch of identical blocks as one `scan.BlockRun`. `convolution`: what
+    every conv layer calls, `jax.lax.conv_general_dilated` or a drop-in (xla_cpu.py).
+    """
+
+    def __init__(self, *, stem: str, stage_sizes, stage_widths, bottleneck: bool,
+                 num_classes: int, in_channels: int = 3, residual: bool = True,
+                 shortcut: str = "A", preact: bool = False, dtype=jnp.float32,
+                 bn: BatchNormConfig = BatchNormConfig(), scan_blocks: bool = False,
+                 convolution: Callable = jax.lax.conv_general_dilated, rngs: nnx.Rngs):
+        if shortcut not in SHORTCUTS:
+            raise ValueError(f"unknown shortcut {shortcut!r}: use one of {', '.join(SHORTCUTS)}")
+        self.stem_kind, self.preact, self.dtype = stem, preact, dtype
+        stem_width = stage_widths[0]
+        k, s = (3, 1) if stem == "cifar" else (7, 2)
+        self.stem = conv(in_channels, stem_width, k, s, dtype, rngs, convolution=convolution)
+        # Post-activation nets normalise the stem; pre-activation nets normalise before the head.
+        self.stem_bn = None if preact else BatchNorm(stem_width, bn)
+        entries, stages, cin = [], [], stem_width
+        for i, (n, width) in enumerate(zip(stage_sizes, stage_widths)):
+            cout = width * 4 if bottleneck else width
+            blocks = []
+            for j in range(n):
+                stride = 2 if i > 0 and j == 0 else 1
+                blocks.append(Block(cin, cout, stride, bottleneck=bottleneck, residual=residual,
+                                    shortcut=shortcut, preact=preact, bn=bn, dtype=dtype,
+                                    rngs=rngs, convolution=convolution))
+                cin = cout
+            blocks = group_runs(blocks) if scan_blocks else blocks
+            entries += blocks
+            stages += [i] * len(blocks)
+        # One entry per block, or with scan_blocks per block or run of identical blocks (BlockRun).
+        self.blocks = nnx.List(entries)
+        self.stage_of_block = tuple(stages)  # the stage of each entry of `blocks`
+        self.head_bn = BatchNorm(cin, bn) if preact else None
+        self.head = nnx.Linear(cin, num_classes, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, *, train: bool):
+        x = self.stem(x.astype(self.dtype))
+        if self.stem_bn is not None:
+            x = self.stem_bn(x, train=train)
+            if self.stem_kind == "cifar":
+                sow_response(self, x)
+            x = nnx.relu(x)
+        if self.stem_kind == "imagenet":
+            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        for block in self.blocks:
+            x = block(x, train=train)
+        if self.head_bn is not None:
+            x = nnx.relu(self.head_bn(x, train=train))
+        x = jnp.mean(x, axis=(1, 2))
+        return self.head(x).astype(jnp.float32)
 
 
-def _nhwc_conv_fwd(x, w, strides, padding, materialize):
-    return _nhwc_conv(x, w, strides, padding, materialize), (x, w)
+def check_architecture(family: str, depth: int, width: int = 1,
+                       bottleneck: bool = False) -> None:
+    """Raises ValueError (one line: problem and fix) for a depth or width the family lacks."""
+    if family == "cifar" and bottleneck and (depth < 11 or (depth - 2) % 9):
+        raise ValueError(f"bottleneck depth {depth} is not 9n+2: use 164, 1001 or another "
+                         "9n+2 >= 11 (He et al. 2016)")
+    if family == "cifar" and not bottleneck and (depth < 8 or (depth - 2) % 6):
+        raise ValueError(
+            f"depth {depth} is not 6n+2: use 20, 32, 44, 56, 110, 1202 or another 6n+2 >= 8")
+    if family == "imagenet" and depth not in IMAGENET_STAGES:
+        raise ValueError(f"ImageNet depth {depth} is not in Table 1: use one of "
+                         + ", ".join(map(str, IMAGENET_STAGES)))
+    if width < 1:
+        raise ValueError(f"width {width} must be a positive integer, e.g. width=1")
 
 
-def _nhwc_conv_bwd(strides, padding, materialize, residuals, dy):
-    x, w = residuals
-    dx_padding, dw_padding = [], []
-    for d, (k, s, (lo, _)) in enumerate(zip(w.shape[:2], strides, padding)):
-        size, out = x.shape[1 + d], dy.shape[1 + d]
-        dx_padding.append((k - 1 - lo, size - 1 + lo - (out - 1) * s))
-        dw_padding.append((lo, k + (out - 1) * s - size - lo))
-    # dx: dy (dilated by the stride) against the kernel flipped in space, in and out swapped.
-    w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
-    dx = jax.lax.conv_general_dilated(dy, w_t, (1, 1), dx_padding, lhs_dilation=strides,
-                                      dimension_numbers=NHWC_HWIO)
-    # dw: input channels as the batch, examples as the features, dy as the (dilated) kernel.
-    def transposed(x, dy):
-        return x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3)
-
-    if materialize:
-        # XLA CPU fuses the elementwise ops that produce x and dy (batch norm, ReLU, and the
-        # residual stream back to the start of the stage) into these transposes and runs the
-        # result as a strided loop: up to 60 ms for one 8 MB transpose (ResNet-20, batch 128),
-        # against 1.6 ms for the transpose alone. A conditional is a fusion boundary XLA keeps
-        # (optimization barriers are removed before fusion), so the transposes read arrays that
-        # already exist. Both branches are the same, so the predicate cannot change the result.
-        x_t, dy_t = jax.lax.cond(dy[0, 0, 0, 0] == dy[0, 0, 0, 0], transposed, transposed, x, dy)
-    else:
-        x_t, dy_t = transposed(x, dy)
-    dw = jax.lax.conv_general_dilated(x_t, dy_t, (1, 1), dw_padding, rhs_dilation=strides,
-                                      dimension_numbers=NHWC_HWIO)
-    return dx, dw.transpose(1, 2, 0, 3)
+def cifar_resnet(depth: int, *, width: int = 1, base_width: int = 16, bottleneck: bool = False,
+                 num_classes: int = 10, **kwargs) -> ResNet:
+    """The CIFAR family of Sec. 4.2: depth 6n+2, n basic blocks per stage of 16/32/64 filters
+    (`base_width` x 1/2/4, times the multiplier `width`; narrower nets for CPU-scale sweeps).
+    `bottleneck=True`: depth 9n+2, n bottlenecks per stage with 64/128/256 outputs, as in the
+    164- and 1001-layer nets of He et al. 2016."""
+    check_architecture("cifar", depth, width * base_width, bottleneck)
+    n, w = (depth - 2) // (9 if bottleneck else 6), base_width * width
+    return ResNet(stem="cifar", stage_sizes=(n, n, n), stage_widths=(w, 2 * w, 4 * w),
+                  bottleneck=bottleneck, num_classes=num_classes, **kwargs)
 
 
-_nhwc_conv.defvjp(_nhwc_conv_fwd, _nhwc_conv_bwd)
+def imagenet_resnet(depth: int, *, width: int = 1, num_classes: int = 1000, **kwargs) -> ResNet:
+    """ResNet-18/34 (basic blocks) and 50/101/152 (bottlenecks), Table 1."""
+    check_architecture("imagenet", depth, width)
+    sizes, bottleneck = IMAGENET_STAGES[depth]
+    widths = tuple(w * width for w in (64, 128, 256, 512))
+    return ResNet(stem="imagenet", stage_sizes=sizes, stage_widths=widths,
+                  bottleneck=bottleneck, num_classes=num_classes, **kwargs)
+
+
+# --- Measuring the nets: layer responses (Fig. 7) and branch ratios, sown in the forward pass.
 
 
 def sow_response(module: nnx.Module, y: jax.Array) -> None:
@@ -256,258 +361,6 @@ def precise_batch_stats(model: nnx.Module, batches) -> None:
 
     totals = [batch_stats(x) for x in batches]
     nnx.update(model, jax.tree.map(lambda *v: sum(v) / len(v), *totals))
-
-
-class Shortcut(nnx.Module):
-    """The paper's shortcut options (Sec. 3.3): what is added to the residual branch's output.
-
-    A: identity; where the shape changes, subsample and zero-pad the new channels (no parameters;
-       the paper's CIFAR choice, Sec. 4.2). B: a 1x1 projection (+ BN) only where the shape changes.
-    C: a projection on every block. Pre-activation blocks project without BN (He et al. 2016).
-    """
-
-    def __init__(self, cin, cout, stride, option, *, preact, bn, dtype, rngs,
-                 canonical_grads=False):
-        self.cin, self.cout, self.stride = cin, cout, stride
-        self.changes_shape = stride != 1 or cin != cout
-        self.project = option == "C" or (option == "B" and self.changes_shape)
-        if self.project:
-            self.conv = conv(cin, cout, 1, stride, dtype, rngs, canonical_grads=canonical_grads)
-            self.bn = None if preact else BatchNorm(cout, bn)
-
-    def __call__(self, x, *, train):
-        if self.project:
-            y = self.conv(x)
-            return y if self.bn is None else self.bn(y, train=train)
-        if self.stride != 1:
-            x = x[:, :: self.stride, :: self.stride, :]
-        if self.cout != self.cin:
-            x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, self.cout - self.cin)))
-        return x
-
-
-class Block(nnx.Module):
-    """A residual block (or its plain twin): basic (two 3x3) or bottleneck (1x1, 3x3, 1x1).
-
-    Post-activation (He et al. 2015): conv-BN-ReLU ... conv-BN, add shortcut, ReLU.
-    Pre-activation (He et al. 2016): BN-ReLU-conv ... BN-ReLU-conv, add shortcut.
-    The stride sits on the 3x3 conv in bottlenecks (as in most reimplementations; same counts).
-    """
-
-    def __init__(self, cin, cout, stride, *, bottleneck, residual, shortcut, preact, bn, dtype,
-                 rngs, canonical_grads=False):
-        self.preact = preact
-        if bottleneck:
-            mid = cout // 4
-            specs = [(cin, mid, 1, 1), (mid, mid, 3, stride), (mid, cout, 1, 1)]
-        else:
-            specs = [(cin, cout, 3, stride), (cout, cout, 3, 1)]
-        self.kernel_sizes = tuple(k for _, _, k, _ in specs)
-        self.convs = nnx.List([conv(i, o, k, s, dtype, rngs, canonical_grads=canonical_grads)
-                               for i, o, k, s in specs])
-        # Post-activation normalises each conv's output; pre-activation each conv's input.
-        bn_features = [i for i, *_ in specs] if preact else [o for _, o, *_ in specs]
-        self.bns = nnx.List([BatchNorm(f, bn) for f in bn_features])
-        self.shortcut = (
-            Shortcut(cin, cout, stride, shortcut, preact=preact, bn=bn, dtype=dtype, rngs=rngs,
-                     canonical_grads=canonical_grads)
-            if residual else None
-        )
-
-    def __call__(self, x, *, train):
-        if self.preact:
-            y, pre = x, None
-            for i, (c, bn) in enumerate(zip(self.convs, self.bns)):
-                y = nnx.relu(bn(y, train=train))
-                pre = y if i == 0 else pre
-                y = c(y)
-            if self.shortcut is None:
-                return y
-            # Where the shortcut projects or the shape changes (a stage's first block), BN-ReLU
-            # comes before the split and the shortcut too takes the pre-activated input; a pure
-            # identity takes the raw input (He et al. 2016 and its code, resnet-1k-layers).
-            shortcut = self.shortcut(
-                pre if self.shortcut.project or self.shortcut.changes_shape else x, train=train)
-            sow_branch_ratio(self, y, shortcut)
-            return y + shortcut
-        y = x
-        last = len(self.convs) - 1
-        for i, (c, bn) in enumerate(zip(self.convs, self.bns)):
-            y = bn(c(y), train=train)
-            if self.kernel_sizes[i] == 3:
-                sow_response(self, y)
-            if i < last:
-                y = nnx.relu(y)
-        if self.shortcut is not None:
-            shortcut = self.shortcut(x, train=train)
-            sow_branch_ratio(self, y, shortcut)
-            y = y + shortcut
-        return nnx.relu(y)
-
-
-class ResNet(nnx.Module):
-    """Stem, stages of blocks, global average pooling, a dense layer to the classes."""
-
-    def __init__(self, *, stem: str, stage_sizes, stage_widths, bottleneck: bool,
-                 num_classes: int, in_channels: int = 3, residual: bool = True,
-                 shortcut: str = "A", preact: bool = False, dtype=jnp.float32,
-                 bn: BatchNormConfig = BatchNormConfig(), scan_blocks: bool = False,
-                 rngs: nnx.Rngs):
-        if shortcut not in SHORTCUTS:
-            raise ValueError(f"unknown shortcut {shortcut!r}: use one of {', '.join(SHORTCUTS)}")
-        self.stem_kind, self.preact, self.dtype = stem, preact, dtype
-        # The convolutions of scanned blocks differentiate into the form XLA CPU runs fast
-        # inside a loop (`conv_with_canonical_grads`).
-        stem_width = stage_widths[0]
-        k, s = (3, 1) if stem == "cifar" else (7, 2)
-        self.stem = conv(in_channels, stem_width, k, s, dtype, rngs, canonical_grads=scan_blocks)
-        # Post-activation nets normalise the stem; pre-activation nets normalise before the head.
-        self.stem_bn = None if preact else BatchNorm(stem_width, bn)
-        entries, stages, cin = [], [], stem_width
-        for i, (n, width) in enumerate(zip(stage_sizes, stage_widths)):
-            cout = width * 4 if bottleneck else width
-            blocks = []
-            for j in range(n):
-                stride = 2 if i > 0 and j == 0 else 1
-                blocks.append(Block(cin, cout, stride, bottleneck=bottleneck, residual=residual,
-                                    shortcut=shortcut, preact=preact, bn=bn, dtype=dtype,
-                                    rngs=rngs, canonical_grads=scan_blocks))
-                cin = cout
-            blocks = group_runs(blocks) if scan_blocks else blocks
-            entries += blocks
-            stages += [i] * len(blocks)
-        # One entry per block, or with scan_blocks per block or run of identical blocks (BlockRun).
-        self.blocks = nnx.List(entries)
-        self.stage_of_block = tuple(stages)  # the stage of each entry of `blocks`
-        self.head_bn = BatchNorm(cin, bn) if preact else None
-        self.head = nnx.Linear(cin, num_classes, dtype=dtype, rngs=rngs)
-
-    def __call__(self, x, *, train: bool):
-        x = self.stem(x.astype(self.dtype))
-        if self.stem_bn is not None:
-            x = self.stem_bn(x, train=train)
-            if self.stem_kind == "cifar":
-                sow_response(self, x)
-            x = nnx.relu(x)
-        if self.stem_kind == "imagenet":
-            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        for block in self.blocks:
-            x = block(x, train=train)
-        if self.head_bn is not None:
-            x = nnx.relu(self.head_bn(x, train=train))
-        x = jnp.mean(x, axis=(1, 2))
-        return self.head(x).astype(jnp.float32)
-
-
-class BlockRun(nnx.Module):
-    """Consecutive identical blocks (same graph, same parameter shapes: in the paper's nets every
-    block of a stage after the first) held as one `Block` whose variables carry a leading axis,
-    one row per block, and called as one `jax.lax.scan` over the rows (`scan_blocks=True`).
-
-    XLA then compiles one block per run and the train state holds one leaf per variable per run,
-    so neither compile time nor the optimizer's program grows with depth. The rows are the
-    blocks' own initial values, so a scanned net starts from the numbers of its unrolled twin
-    and computes what it computes (tests/test_models.py); only the state's layout differs
-    (`blocks/i/block/...` with a leading axis instead of one `blocks/i/...` per block).
-    Diagnostics come back in block order, one value per block and layer.
-    """
-
-    def __init__(self, blocks: list[Block]):
-        self.length = len(blocks)
-        graphdef, _ = nnx.split(blocks[0])
-        stacked = jax.tree.map(lambda *v: jnp.stack(v), *(nnx.state(b) for b in blocks))
-        self.block = nnx.merge(graphdef, stacked)
-
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        with _captures_detached(self.block):
-            graphdef, params, stats, rest = nnx.split(self.block, nnx.Param, nnx.BatchStat, ...)
-
-        def body(x, rows):
-            block = nnx.merge(graphdef, *rows, rest, copy=True)
-            y, sown = nnx.capture(block, nnx.Intermediate)(x, train=train)
-            return y, (nnx.state(block, nnx.BatchStat), sown)
-
-        x, (stats, sown) = jax.lax.scan(body, x, (params, stats))
-        nnx.update(self.block, stats)
-        for path, var in nnx.to_flat_state(sown):
-            # `Module.sow` accumulates a tuple in call order, here each entry one value per row:
-            # block-major order is what the unrolled blocks would have sown one by one.
-            self.sow(nnx.Intermediate, path[-1], jnp.stack(var.get_value(), 1).reshape(-1))
-        return x
-
-
-def group_runs(blocks: list[Block]) -> list[Block | BlockRun]:
-    """`blocks` in order, each stretch of two or more identical consecutive ones as a BlockRun."""
-    signatures, out, i = [_signature(b) for b in blocks], [], 0
-    while i < len(blocks):
-        j = i + 1
-        while j < len(blocks) and signatures[j] == signatures[i]:
-            j += 1
-        out.append(blocks[i] if j - i == 1 else BlockRun(blocks[i:j]))
-        i = j
-    return out
-
-
-@contextlib.contextmanager
-def _captures_detached(module: nnx.Module):
-    """Takes `nnx.capture`'s per-module collectors off `module` for the duration, so that it
-    splits into a graph the scan body can merge: an enclosing capture (as in `forward`) puts one
-    on every module, and Flax 0.12 cannot merge a graph holding both those and an nnx.List. The
-    block's sown values never go there in the meantime; the run sows them after the scan."""
-    detached = [(m, m.__captures__) for _, m in nnx.iter_modules(module)
-                if "__captures__" in vars(m)]
-    for m, _ in detached:
-        delattr(m, "__captures__")
-    try:
-        yield
-    finally:
-        for m, captures in detached:
-            m.__captures__ = nnx.data(captures)
-
-
-def _signature(block: nnx.Module):
-    """Equal for two blocks that describe the same computation on different numbers: the
-    graph, and the structure, shapes and dtypes of the state."""
-    graph, state = nnx.split(block)
-    leaves, structure = jax.tree.flatten(state)
-    return graph, structure, tuple((v.shape, v.dtype) for v in leaves)
-
-
-def check_architecture(family: str, depth: int, width: int = 1,
-                       bottleneck: bool = False) -> None:
-    """Raises ValueError (one line: problem and fix) for a depth or width the family lacks."""
-    if family == "cifar" and bottleneck and (depth < 11 or (depth - 2) % 9):
-        raise ValueError(f"bottleneck depth {depth} is not 9n+2: use 164, 1001 or another "
-                         "9n+2 >= 11 (He et al. 2016)")
-    if family == "cifar" and not bottleneck and (depth < 8 or (depth - 2) % 6):
-        raise ValueError(
-            f"depth {depth} is not 6n+2: use 20, 32, 44, 56, 110, 1202 or another 6n+2 >= 8")
-    if family == "imagenet" and depth not in IMAGENET_STAGES:
-        raise ValueError(f"ImageNet depth {depth} is not in Table 1: use one of "
-                         + ", ".join(map(str, IMAGENET_STAGES)))
-    if width < 1:
-        raise ValueError(f"width {width} must be a positive integer, e.g. width=1")
-
-
-def cifar_resnet(depth: int, *, width: int = 1, base_width: int = 16, bottleneck: bool = False,
-                 num_classes: int = 10, **kwargs) -> ResNet:
-    """The CIFAR family of Sec. 4.2: depth 6n+2, n basic blocks per stage of 16/32/64 filters
-    (`base_width` x 1/2/4, times the multiplier `width`; narrower nets for CPU-scale sweeps).
-    `bottleneck=True`: depth 9n+2, n bottlenecks per stage with 64/128/256 outputs, as in the
-    164- and 1001-layer nets of He et al. 2016."""
-    check_architecture("cifar", depth, width * base_width, bottleneck)
-    n, w = (depth - 2) // (9 if bottleneck else 6), base_width * width
-    return ResNet(stem="cifar", stage_sizes=(n, n, n), stage_widths=(w, 2 * w, 4 * w),
-                  bottleneck=bottleneck, num_classes=num_classes, **kwargs)
-
-
-def imagenet_resnet(depth: int, *, width: int = 1, num_classes: int = 1000, **kwargs) -> ResNet:
-    """ResNet-18/34 (basic blocks) and 50/101/152 (bottlenecks), Table 1."""
-    check_architecture("imagenet", depth, width)
-    sizes, bottleneck = IMAGENET_STAGES[depth]
-    widths = tuple(w * width for w in (64, 128, 256, 512))
-    return ResNet(stem="imagenet", stage_sizes=sizes, stage_widths=widths,
-                  bottleneck=bottleneck, num_classes=num_classes, **kwargs)
 
 
 def count_params(model: nnx.Module) -> int:

@@ -140,6 +140,11 @@ class Backend:
         return self.mesh.size
 
     @property
+    def platform(self) -> str:
+        """'cpu', 'gpu' or 'tpu': what the compiled programs run on."""
+        return self.mesh.devices.flat[0].platform
+
+    @property
     def axis_name(self) -> str | None:
         """The collective axis the train step averages over (None: XLA does it under jit)."""
         return PMAP_AXIS if self.name == "pmap" else None
@@ -159,7 +164,7 @@ class Backend:
         """XLA options for every program compiled for these devices (see `compiler_options`)."""
         if self.xla_options is not None:
             return self.xla_options or None
-        return compiler_options(self.mesh.devices.flat[0].platform)
+        return compiler_options(self.platform)
 
     @property
     def replicated(self) -> NamedSharding:
@@ -220,7 +225,7 @@ class Backend:
     def seed_map(self) -> str:
         """How `map_seeds` runs the seeds: 'vmap' (one wider computation) or 'loop' (one after
         another, `jax.lax.map`). See SEED_MAPS."""
-        return SEED_MAPS.get(self.mesh.devices.flat[0].platform, "vmap")
+        return SEED_MAPS.get(self.platform, "vmap")
 
     def map_seeds(self, fn, in_axes=0):
         """`fn` over the leading seed axis of the arguments whose `in_axes` entry is 0 (None: the

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from resnet_jax import data, models, parallel, pipeline
+from resnet_jax import data, models, parallel, pipeline, xla_cpu
 from resnet_jax.checkpoint import (Checkpointer, NoneReadable, Preempted, PreemptionWatch,
                                    SetupMismatch, WorkdirBusy, WorkdirLock)
 from resnet_jax.metrics import MetricsWriter
@@ -135,8 +135,13 @@ def read_run_json(path: pathlib.Path) -> dict:
 
 
 def create_model(config, *, num_classes: int, in_channels: int,
-                 bn: models.BatchNormConfig | None = None, rngs: nnx.Rngs | None = None):
+                 bn: models.BatchNormConfig | None = None, platform: str | None = None,
+                 rngs: nnx.Rngs | None = None):
+    """The net of `config`. `platform` (default: JAX's default backend) picks the convolution
+    its layers call: on XLA CPU one whose gradients XLA CPU runs fast (xla_cpu.py)."""
     bn = bn or models.BatchNormConfig(momentum=config.bn_momentum)
+    scan_blocks = config.get("scan_blocks", False)
+    convolution = xla_cpu.convolution(platform or jax.default_backend(), scan_blocks)
     if config.model == "cifar":
         family = functools.partial(models.cifar_resnet, base_width=config.base_width,
                                    bottleneck=config.bottleneck)
@@ -145,7 +150,7 @@ def create_model(config, *, num_classes: int, in_channels: int,
     return family(config.depth, width=config.width, num_classes=num_classes,
                   in_channels=in_channels, residual=config.residual, shortcut=config.shortcut,
                   preact=BLOCKS[config.block], dtype=DTYPES[config.dtype], bn=bn,
-                  scan_blocks=config.get("scan_blocks", False),
+                  scan_blocks=scan_blocks, convolution=convolution,
                   rngs=rngs or nnx.Rngs(config.seed))
 
 
@@ -332,7 +337,7 @@ def create_training(config, backend: parallel.Backend, *, num_classes: int, in_c
     """
     bn = backend.batch_norm(config.bn_group_size, config.bn_momentum)
     make = functools.partial(create_model, config, num_classes=num_classes,
-                             in_channels=in_channels, bn=bn)
+                             in_channels=in_channels, bn=bn, platform=backend.platform)
     schedule = create_lr_schedule(config)
     tx = create_optimizer(config)
     if len(seeds) != backend.seeds:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from resnet_jax import models, summary
+from resnet_jax import models, summary, xla_cpu
+from resnet_jax.scan import BlockRun
 
 # He et al. 2015: CIFAR nets with option A, 10 classes; ImageNet nets with option B, 1000 classes.
 CIFAR_PARAMS = {20: 269_722, 32: 464_154, 44: 658_586, 56: 853_018, 110: 1_727_962}
@@ -168,7 +169,7 @@ def _in_scanned_layout(unrolled: nnx.State, scanned_model) -> dict:
     tree = nnx.to_pure_dict(unrolled)
     blocks, first = {}, 0
     for i, entry in enumerate(scanned_model.blocks):
-        if isinstance(entry, models.BlockRun):
+        if isinstance(entry, BlockRun):
             rows = [tree["blocks"][first + k] for k in range(entry.length)]
             blocks[i] = {"block": jax.tree.map(lambda *v: jnp.stack(v), *rows)}
             first += entry.length
@@ -185,10 +186,13 @@ def _in_scanned_layout(unrolled: nnx.State, scanned_model) -> dict:
 def test_scanned_blocks_compute_what_the_unrolled_loop_computes(depth, kwargs):
     x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
     labels = jnp.arange(4) % 10
-    nets = {scan: models.cifar_resnet(depth, scan_blocks=scan, rngs=nnx.Rngs(0), **kwargs)
+    # Each with the convolution training picks for it on this platform (xla_cpu.py).
+    nets = {scan: models.cifar_resnet(depth, scan_blocks=scan, rngs=nnx.Rngs(0),
+                                      convolution=xla_cpu.convolution(jax.default_backend(), scan),
+                                      **kwargs)
             for scan in (False, True)}
     scanned_net = nets[True]
-    assert any(isinstance(b, models.BlockRun) for b in scanned_net.blocks)
+    assert any(isinstance(b, BlockRun) for b in scanned_net.blocks)
     # A scanned net starts from its unrolled twin's numbers, only stacked.
     jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(scanned_net)),
                  _in_scanned_layout(nnx.state(nets[False]), scanned_net))
@@ -234,7 +238,8 @@ def test_scanned_train_step_does_not_grow_with_depth():
     batch = {"image": jnp.zeros((2, 16, 16, 3)), "label": jnp.zeros((2,), jnp.int32)}
 
     def convolutions(depth, scan):
-        model = models.cifar_resnet(depth, scan_blocks=scan, rngs=nnx.Rngs(0))
+        model = models.cifar_resnet(depth, scan_blocks=scan, rngs=nnx.Rngs(0),
+                                    convolution=xla_cpu.convolution("cpu", scan))
         graphdef, state = train.create_train_state(model, tx, schedule)
         step = train.make_train_step(graphdef, tx, schedule, stage_of_block=model.stage_of_block)
         text = jax.jit(step).lower(state, batch).as_text()
@@ -251,14 +256,14 @@ def test_scanned_train_step_does_not_grow_with_depth():
 def test_canonical_gradient_convolutions_equal_jaxs(k, stride, size):
     x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
     w = jax.random.normal(jax.random.key(1), (k, k, 3, 5))
-    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, models.NHWC_HWIO)
+    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, xla_cpu.NHWC_HWIO)
 
     def loss(conv_fn):
         return lambda x, w: jnp.sum(jnp.sin(conv_fn(x, w, (stride, stride), [(k // 2, k // 2)] * 2,
                                                     dimension_numbers=dn)))
 
     want = jax.jit(jax.grad(loss(jax.lax.conv_general_dilated), (0, 1)))(x, w)
-    got = jax.jit(jax.grad(loss(models.conv_with_canonical_grads), (0, 1)))(x, w)
+    got = jax.jit(jax.grad(loss(xla_cpu.conv_general_dilated), (0, 1)))(x, w)
     jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
@@ -276,7 +281,7 @@ def _reference_preact_block(block, x, changes):
         pad = w.shape[0] // 2
         stride = c.strides if isinstance(c.strides, tuple) else (c.strides,) * 2
         return jax.lax.conv_general_dilated(v, w, stride, [(pad, pad)] * 2,
-                                            dimension_numbers=models.NHWC_HWIO)
+                                            dimension_numbers=xla_cpu.NHWC_HWIO)
 
     pre = bn_relu(x)
     y = conv(pre, block.convs[0])
