@@ -68,17 +68,17 @@ def measure(config, *, steps: int = 20, warmup: int = 2, seeds: int = 0) -> dict
     `warmup`. images/s counts all seeds' batches."""
     backend, state, step, batch = prepare(config, seeds=seeds)
 
-    flops = None  # pmap: not counted here
+    flops = None  # a backend that compiles at the first call (pmap): not counted here
     start = time.perf_counter()
-    if config.parallelism == "jit":
+    traced = backend.trace(step, state, batch)
+    if traced is not None:
         # Model FLOPs: 2 x the multiply-adds of the step's convolutions and matrix products,
         # forward and backward, in its traced program (XLA's cost analysis counts a loop's body
         # once, undercounting scanned blocks, and adds elementwise work). The traced program
         # still holds the first layer's input gradient, which XLA drops: under 0.5 % at 20 layers.
-        traced = step.trace(state, batch)
         flops = 2.0 * summary.jaxpr_macs(traced.jaxpr.jaxpr)
         step = traced.lower().compile()
-    else:  # pmap compiles on its first call
+    else:
         state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - start

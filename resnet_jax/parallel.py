@@ -1,11 +1,12 @@
 """Where the devices come in: the mesh, the shardings and the two data-parallel backends.
 
 Everything else is written for one global batch. This module decides how that batch and the
-train state live on devices:
-- 'jit' (default): `jax.jit` over a 1-D device mesh, the global batch sharded on the `data` axis
-  and the state replicated; XLA inserts the gradient and batch-norm all-reduces (what pjit became).
-- 'pmap': `jax.pmap` over the same devices; the state carries a leading device axis, gradients and
-  losses are averaged with explicit collectives over the `batch` axis.
+train state live on devices, as one `Backend` class per `config.parallelism`:
+- 'jit' (default, `JitBackend`): `jax.jit` over a 1-D device mesh, the global batch sharded on the
+  `data` axis and the state replicated; XLA inserts the gradient and batch-norm all-reduces (what
+  pjit became).
+- 'pmap' (`PmapBackend`): `jax.pmap` over the same devices; the state carries a leading device
+  axis, gradients and losses are averaged with explicit collectives over the `batch` axis.
 Both give the same numbers on the same global batch (tests/test_parallel.py).
 
 Several processes (TPU pod workers, SLURM tasks, local processes) become one job with
@@ -28,22 +29,22 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from resnet_jax.models import BatchNormConfig
-
 DATA_AXIS = "data"  # mesh axis of the jit backend
 PMAP_AXIS = "batch"  # mapped axis of the pmap backend
-BACKENDS = ("jit", "pmap")
 
 # XLA CPU (JAX 0.10) hands convolutions to its YNNPACK library by default. There the weight
 # gradients of these nets' convolutions run at about 4 GFLOP/s against 50 in XLA's own (Eigen)
 # convolution, so a ResNet-20 train step took twice as long (benchmarks/RESULTS.md). This list
-# leaves out convolutions and keeps the library's dots and reductions, which do pay.
+# leaves out convolutions and keeps the library's dots and reductions, which do pay. It can go
+# when `python -m benchmarks.xla_options` shows XLA's own defaults (`xla`) as fast as these.
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                         "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
 # How several seeds in one program run, by platform (default 'vmap'). vmap turns each seed's
 # convolutions into one grouped convolution, which XLA CPU runs slowly: 8 seeds of ResNet-20
 # vmapped gave 0.36x one net's images/s on 2 cores, in a loop 1.32x (benchmarks/RESULTS.md).
+# The entry can go when `resnet-jax bench --seeds=8` on CPU gives more images/s without it
+# (vmap) than with it (loop).
 SEED_MAPS = {"cpu": "loop"}
 
 
@@ -124,9 +125,10 @@ def create_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
-    """One data-parallel strategy over `mesh` for a fixed global batch size."""
+    """One data-parallel strategy over `mesh` for a fixed global batch size: `JitBackend` or
+    `PmapBackend`. What differs between them is in their methods; the rest of the code asks
+    these, never which backend it has."""
 
-    name: str
     mesh: jax.sharding.Mesh
     batch_size: int
     # K > 0: K independent runs (seeds) of one net in one program. The state, every batch and
@@ -134,6 +136,10 @@ class Backend:
     seeds: int = 0
     # XLA options for every program compiled here; None: `compiler_options(platform)`.
     xla_options: dict | None = None
+
+    # The collective axis the train step averages gradients and batch statistics over (None:
+    # XLA inserts the all-reduces itself).
+    axis_name = None
 
     @property
     def num_devices(self) -> int:
@@ -143,11 +149,6 @@ class Backend:
     def platform(self) -> str:
         """'cpu', 'gpu' or 'tpu': what the compiled programs run on."""
         return self.mesh.devices.flat[0].platform
-
-    @property
-    def axis_name(self) -> str | None:
-        """The collective axis the train step averages over (None: XLA does it under jit)."""
-        return PMAP_AXIS if self.name == "pmap" else None
 
     @property
     def data_sharding(self) -> NamedSharding:
@@ -170,27 +171,12 @@ class Backend:
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, P())
 
-    def batch_norm(self, group_size: int, momentum: float) -> BatchNormConfig:
-        """Batch-norm statistics over `group_size` consecutive examples of the global batch.
-
-        0 means the whole global batch. Under jit the model sees the global batch and groups it
-        itself; under pmap each device sees batch_size / num_devices examples, so groups inside a
-        device are local and groups spanning devices average over device groups.
-        """
-        group = group_size or self.batch_size
-        if self.name == "jit":
-            return BatchNormConfig(momentum=momentum, group_size=group)
-        local = self.batch_size // self.num_devices
-        if group % local and local % group:
-            raise ValueError(
-                f"bn_group_size={group} neither divides nor is a multiple of the {local} examples "
-                f"per device: pick a divisor or multiple of {local}, or use parallelism=jit")
-        if group <= local:
-            return BatchNormConfig(momentum=momentum, group_size=group)
-        per_group = group // local
-        groups = [list(range(i, i + per_group)) for i in range(0, self.num_devices, per_group)]
-        return BatchNormConfig(momentum=momentum, axis_name=PMAP_AXIS,
-                               axis_index_groups=None if per_group == self.num_devices else groups)
+    def batch_norm_groups(self, group_size: int) -> dict:
+        """Which examples share batch-norm statistics when the net sees this backend's batches,
+        as keyword arguments of `models.BatchNormConfig` (group_size, axis_name,
+        axis_index_groups): statistics over `group_size` consecutive examples of the global
+        batch (0: the whole global batch)."""
+        raise NotImplementedError
 
     def compile_batch(self, make_batch):
         """`make_batch(*args, part=(i, n))` run on every device for its own slice of the batch.
@@ -209,16 +195,10 @@ class Backend:
 
     def put_state(self, state):
         """Host or global state -> the layout the compiled step takes."""
-        if self.name == "pmap":  # one copy per device, stacked on a leading device axis
-            stack = lambda x: jnp.broadcast_to(x, (self.num_devices, *x.shape))  # noqa: E731
-            return jax.jit(lambda s: jax.tree.map(stack, s), out_shardings=self.data_sharding)(
-                state)
         return jax.device_put(state, self.replicated)
 
     def get_state(self, state):
         """The step's state layout -> one global, replicated copy (for eval and checkpoints)."""
-        if self.name == "pmap":
-            state = jax.tree.map(lambda x: x[0], state)
         return jax.device_put(state, self.replicated)
 
     @property
@@ -246,42 +226,101 @@ class Backend:
 
     def compile_step(self, train_step):
         """Wraps a pure `(state, batch) -> (state, metrics)` for this backend."""
-        if self.name == "pmap":
-            mapped = jax.pmap(train_step, axis_name=PMAP_AXIS, donate_argnums=0,
-                              devices=list(self.mesh.devices.flat))
-            split = jax.jit(
-                lambda b: jax.tree.map(
-                    lambda x: x.reshape(self.num_devices, -1, *x.shape[1:]), b),
-                out_shardings=self.data_sharding)
+        raise NotImplementedError
 
-            def step(state, batch):
-                state, metrics = mapped(state, split(batch))
-                return state, jax.tree.map(lambda x: x[0], metrics)
+    def trace(self, step, state, batch):
+        """The compiled `step`'s program traced for (state, batch) (`jax.jit(...).trace`, for
+        counting FLOPs and compiling ahead of time), or None where the backend compiles at the
+        first call."""
+        return None
 
-            return step
+
+@dataclasses.dataclass(frozen=True)
+class JitBackend(Backend):
+    """'jit' (default): `jax.jit` over the mesh, the global batch sharded on its `data` axis and
+    the state replicated; XLA inserts the gradient and batch-norm all-reduces."""
+
+    def batch_norm_groups(self, group_size: int) -> dict:
+        # The model sees the global batch and groups it itself.
+        return {"group_size": group_size or self.batch_size}
+
+    def compile_step(self, train_step):
         if self.seeds:
             train_step = self.map_seeds(train_step)
         return jax.jit(train_step, in_shardings=(self.replicated, self.data_sharding),
                        out_shardings=(self.replicated, self.replicated), donate_argnums=0,
                        compiler_options=self.compiler_options)
 
+    def trace(self, step, state, batch):
+        return step.trace(state, batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class PmapBackend(Backend):
+    """'pmap': `jax.pmap` over the mesh's devices, in one process; the state carries a leading
+    device axis, gradients and losses are averaged with explicit collectives over `PMAP_AXIS`."""
+
+    axis_name = PMAP_AXIS
+
+    def __post_init__(self):
+        if self.seeds:
+            raise ValueError("several seeds in one program run under parallelism=jit: use jit")
+        if jax.process_count() > 1:
+            raise ValueError(f"parallelism=pmap runs in one process here, but this job has "
+                             f"{jax.process_count()}: use parallelism=jit across processes")
+
+    def batch_norm_groups(self, group_size: int) -> dict:
+        # Each device sees batch_size / num_devices examples: groups inside a device are local,
+        # groups spanning devices average over device groups.
+        group = group_size or self.batch_size
+        local = self.batch_size // self.num_devices
+        if group % local and local % group:
+            raise ValueError(
+                f"bn_group_size={group} neither divides nor is a multiple of the {local} examples "
+                f"per device: pick a divisor or multiple of {local}, or use parallelism=jit")
+        if group <= local:
+            return {"group_size": group}
+        per_group = group // local
+        groups = [list(range(i, i + per_group)) for i in range(0, self.num_devices, per_group)]
+        return {"axis_name": PMAP_AXIS,
+                "axis_index_groups": None if per_group == self.num_devices else groups}
+
+    def put_state(self, state):
+        # One copy per device, stacked on a leading device axis.
+        stack = lambda x: jnp.broadcast_to(x, (self.num_devices, *x.shape))  # noqa: E731
+        return jax.jit(lambda s: jax.tree.map(stack, s), out_shardings=self.data_sharding)(state)
+
+    def get_state(self, state):
+        return jax.device_put(jax.tree.map(lambda x: x[0], state), self.replicated)
+
+    def compile_step(self, train_step):
+        mapped = jax.pmap(train_step, axis_name=PMAP_AXIS, donate_argnums=0,
+                          devices=list(self.mesh.devices.flat))
+        split = jax.jit(
+            lambda b: jax.tree.map(lambda x: x.reshape(self.num_devices, -1, *x.shape[1:]), b),
+            out_shardings=self.data_sharding)
+
+        def step(state, batch):
+            state, metrics = mapped(state, split(batch))
+            return state, jax.tree.map(lambda x: x[0], metrics)
+
+        return step
+
+
+BACKENDS = {"jit": JitBackend, "pmap": PmapBackend}  # config.parallelism -> its backend
+
 
 def create_backend(name: str, batch_size: int, num_devices: int = 0, seeds: int = 0,
                    xla_options: dict | None = None) -> Backend:
     if name not in BACKENDS:
         raise ValueError(f"unknown parallelism {name!r}: use one of {', '.join(BACKENDS)}")
-    if name == "pmap" and seeds:
-        raise ValueError("several seeds in one program run under parallelism=jit: use jit")
-    if name == "pmap" and jax.process_count() > 1:
-        raise ValueError(f"parallelism=pmap runs in one process here, but this job has "
-                         f"{jax.process_count()}: use parallelism=jit across processes")
     mesh = create_mesh(num_devices)
     if batch_size % mesh.size:
         raise ValueError(
             f"global batch_size={batch_size} does not split over {mesh.size} devices: "
             f"use a multiple of {mesh.size} or set --config.num_devices"
         )
-    return Backend(name, mesh, batch_size, seeds, xla_options)
+    return BACKENDS[name](mesh, batch_size, seeds, xla_options)
 
 
 def pmean_if(tree, axis_name: str | None):

@@ -335,7 +335,8 @@ def create_training(config, backend: parallel.Backend, *, num_classes: int, in_c
     With `seeds` (and a backend made for len(seeds) of them), the state holds one independently
     initialised net per seed, stacked on a leading axis, and the step trains them all at once.
     """
-    bn = backend.batch_norm(config.bn_group_size, config.bn_momentum)
+    bn = models.BatchNormConfig(momentum=config.bn_momentum,
+                                **backend.batch_norm_groups(config.bn_group_size))
     make = functools.partial(create_model, config, num_classes=num_classes,
                              in_channels=in_channels, bn=bn, platform=backend.platform)
     schedule = create_lr_schedule(config)

@@ -77,7 +77,7 @@ def test_grouped_batch_norm_is_the_same_on_every_backend(group, batch):
 def test_pmap_rejects_groups_that_do_not_tile_devices():
     backend = parallel.create_backend("pmap", 32, 8)  # 4 examples per device
     with pytest.raises(ValueError, match="bn_group_size"):
-        backend.batch_norm(6, 0.9)
+        backend.batch_norm_groups(6)
 
 
 def test_batch_must_split_over_devices():
