@@ -32,21 +32,21 @@ def peak_flops(device_kind: str, dtype: str) -> float | None:
                  if kind in device_kind and dt == dtype), None)
 
 
-def prepare(config, *, seeds: int = 0, xla_options: dict | None = None):
+def prepare(config, *, num_seeds: int = 0, xla_options: dict | None = None):
     """(backend, state, step, batch): the train step of `config`, not yet compiled, its state
     on the devices and a fixed random batch (3 channels, 10 classes, the config's image size).
-    `seeds=K`: K nets at once, each with its own batch. `xla_options`: XLA options instead of
-    `parallel.compiler_options`'s."""
+    `num_seeds=K`: K nets at once (seeds config.seed, config.seed + 1, ...), each with its own
+    batch. `xla_options`: XLA options instead of `parallel.compiler_options`'s."""
     train.check_config(config)
+    seeds = tuple(range(config.seed, config.seed + num_seeds))
     backend = parallel.create_backend(config.parallelism, config.batch_size, config.num_devices,
                                       seeds=seeds, xla_options=xla_options)
     size = config.get("image_size") or (224 if config.model == "imagenet" else 32)
     classes = 1000 if config.model == "imagenet" else 10
-    graphdef, state, step = train.create_training(
-        config, backend, num_classes=classes, in_channels=3,
-        seeds=tuple(range(config.seed, config.seed + seeds)))
+    graphdef, state, step = train.create_training(config, backend, num_classes=classes,
+                                                  in_channels=3)
     rng = np.random.default_rng(0)
-    lead = (seeds,) if seeds else ()
+    lead = (num_seeds,) if num_seeds else ()
     batch = jax.device_put(
         {"image": rng.normal(size=(*lead, config.batch_size, size, size, 3)).astype(np.float32),
          "label": rng.integers(0, classes, (*lead, config.batch_size)).astype(np.int32)},
@@ -63,10 +63,10 @@ def time_steps(step, state, batch, steps: int):
     return state, (time.perf_counter() - start) / steps
 
 
-def measure(config, *, steps: int = 20, warmup: int = 2, seeds: int = 0) -> dict:
+def measure(config, *, steps: int = 20, warmup: int = 2, num_seeds: int = 0) -> dict:
     """One row: the train step of `config` (see `prepare`) timed over `steps` steps after
     `warmup`. images/s counts all seeds' batches."""
-    backend, state, step, batch = prepare(config, seeds=seeds)
+    backend, state, step, batch = prepare(config, num_seeds=num_seeds)
 
     flops = None  # a backend that compiles at the first call (pmap): not counted here
     start = time.perf_counter()
@@ -92,9 +92,9 @@ def measure(config, *, steps: int = 20, warmup: int = 2, seeds: int = 0) -> dict
     peak = peak_flops(device.device_kind, config.dtype)
     return {
         "net": f"{'ResNet' if config.residual else 'plain'}-{config.depth}",
-        "batch": config.batch_size, "seeds": max(seeds, 1), "dtype": config.dtype,
+        "batch": config.batch_size, "seeds": max(num_seeds, 1), "dtype": config.dtype,
         "devices": backend.num_devices, "device": device.device_kind,
-        "images_per_sec": max(seeds, 1) * config.batch_size / seconds,
+        "images_per_sec": max(num_seeds, 1) * config.batch_size / seconds,
         "ms_per_step": 1e3 * seconds, "compile_s": compile_s,
         "gflops_per_step": flops / 1e9 if flops else None,
         "achieved_tflops": flops / seconds / 1e12 if flops else None,

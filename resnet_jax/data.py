@@ -416,10 +416,10 @@ class DeviceFeed:
     """The training loop's view of an on-device dataset: the training set and its per-pixel mean
     replicated on every device, each device cutting its own share of batch `step` there, and the
     evaluation splits as uint8 batches with a padding mask. Same interface as
-    pipeline.StreamFeed. With `seeds`, batch `step` is one batch per seed, stacked: each seed's
-    order and augmentation are those of its run alone."""
+    pipeline.StreamFeed. With several seeds in one program (`backend.seeds`), batch `step` is one
+    batch per seed, stacked: each seed's order and augmentation are those of its run alone."""
 
-    def __init__(self, ds: Dataset, config, backend, seeds: tuple[int, ...] = ()):
+    def __init__(self, ds: Dataset, config, backend):
         self.num_classes, self.in_channels = ds.num_classes, ds.train.images.shape[-1]
         self.num_train, self.image_shape = len(ds.train.labels), ds.train.images.shape[1:]
         replicate = functools.partial(jax.device_put, device=backend.replicated)
@@ -430,13 +430,11 @@ class DeviceFeed:
         data_key = lambda seed: jax.random.fold_in(jax.random.key(seed), 1)  # noqa: E731
         cut = functools.partial(train_batch, batch_size=config.batch_size, padding=padding,
                                 flip=config.flip)
-        if seeds:
-            self._key = jnp.stack([data_key(s) for s in seeds])
+        self._key = backend.stack_runs([data_key(s) for s in backend.seeds_of(config.seed)])
+        if backend.seeds:
             many = cut  # vmapped over the keys only (jax.vmap would map keyword arguments too)
             cut = lambda images, labels, mean, keys, step, *, part: jax.vmap(  # noqa: E731
                 lambda key: many(images, labels, mean, key, step, part=part))(keys)
-        else:
-            self._key = data_key(config.seed)
         self._cut = backend.compile_batch(cut)
 
         n = backend.num_devices

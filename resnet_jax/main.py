@@ -193,7 +193,7 @@ def _bench(argv) -> int:
         for k in seeds:
             try:
                 # 1: the ordinary step; K > 1: K nets in one program (Backend.map_seeds).
-                rows.append(bench.measure(config, steps=fv.steps, seeds=k if k > 1 else 0))
+                rows.append(bench.measure(config, steps=fv.steps, num_seeds=k if k > 1 else 0))
             except ValueError as e:
                 raise train.ConfigError(str(e)) from None
             if not fv.json:

@@ -131,9 +131,12 @@ class Backend:
 
     mesh: jax.sharding.Mesh
     batch_size: int
-    # K > 0: K independent runs (seeds) of one net in one program. The state, every batch and
-    # the metrics carry a leading axis of K; the step maps over it (`map_seeds`; jit only).
-    seeds: int = 0
+    # Several seeds in one program: the seeds of K independent runs of one net, which differ
+    # only in their seed (initialisation, data order, augmentation). The state, every batch and
+    # the metrics carry a leading axis of K, run k's row k (`stack_runs`, `runs_of`), and the
+    # steps map over it (`map_seeds`; jit only). (): one ordinary run, no seed axis; its seed is
+    # its config's.
+    seeds: tuple[int, ...] = ()
     # XLA options for every program compiled here; None: `compiler_options(platform)`.
     xla_options: dict | None = None
 
@@ -207,9 +210,26 @@ class Backend:
         another, `jax.lax.map`). See SEED_MAPS."""
         return SEED_MAPS.get(self.platform, "vmap")
 
+    def seeds_of(self, config_seed: int) -> tuple[int, ...]:
+        """The seed of each run this backend trains: `seeds`, or the one run's `config_seed`."""
+        return self.seeds or (config_seed,)
+
+    def stack_runs(self, trees: list):
+        """One tree per run (in `seeds_of` order) -> the layout with the seed axis, if any."""
+        return jax.tree.map(lambda *x: jnp.stack(x), *trees) if self.seeds else trees[0]
+
+    def runs_of(self, tree) -> list:
+        """A tree with the seed axis, if any -> one tree per run (`stack_runs` undone)."""
+        if not self.seeds:
+            return [tree]
+        return [jax.tree.map(lambda x: x[k], tree) for k in range(len(self.seeds))]
+
     def map_seeds(self, fn, in_axes=0):
         """`fn` over the leading seed axis of the arguments whose `in_axes` entry is 0 (None: the
-        argument is shared), as `jax.vmap(fn, in_axes)` computes it, by `seed_map`."""
+        argument is shared), as `jax.vmap(fn, in_axes)` computes it, by `seed_map`; `fn` itself
+        when there is no seed axis."""
+        if not self.seeds:
+            return fn
         if self.seed_map == "vmap":
             return jax.vmap(fn, in_axes)
 
@@ -245,9 +265,7 @@ class JitBackend(Backend):
         return {"group_size": group_size or self.batch_size}
 
     def compile_step(self, train_step):
-        if self.seeds:
-            train_step = self.map_seeds(train_step)
-        return jax.jit(train_step, in_shardings=(self.replicated, self.data_sharding),
+        return jax.jit(self.map_seeds(train_step), in_shardings=(self.replicated, self.data_sharding),
                        out_shardings=(self.replicated, self.replicated), donate_argnums=0,
                        compiler_options=self.compiler_options)
 
@@ -310,8 +328,10 @@ class PmapBackend(Backend):
 BACKENDS = {"jit": JitBackend, "pmap": PmapBackend}  # config.parallelism -> its backend
 
 
-def create_backend(name: str, batch_size: int, num_devices: int = 0, seeds: int = 0,
-                   xla_options: dict | None = None) -> Backend:
+def create_backend(name: str, batch_size: int, num_devices: int = 0,
+                   seeds: tuple[int, ...] = (), xla_options: dict | None = None) -> Backend:
+    """The backend `name` (config.parallelism) over `num_devices` devices (0: all), for a
+    global batch of `batch_size`; `seeds`: several seeds in one program (`Backend.seeds`)."""
     if name not in BACKENDS:
         raise ValueError(f"unknown parallelism {name!r}: use one of {', '.join(BACKENDS)}")
     mesh = create_mesh(num_devices)
@@ -320,7 +340,7 @@ def create_backend(name: str, batch_size: int, num_devices: int = 0, seeds: int 
             f"global batch_size={batch_size} does not split over {mesh.size} devices: "
             f"use a multiple of {mesh.size} or set --config.num_devices"
         )
-    return BACKENDS[name](mesh, batch_size, seeds, xla_options)
+    return BACKENDS[name](mesh, batch_size, tuple(seeds), xla_options)
 
 
 def pmean_if(tree, axis_name: str | None):

@@ -327,45 +327,42 @@ def make_eval_step(graphdef):
     return eval_step
 
 
-def create_training(config, backend: parallel.Backend, *, num_classes: int, in_channels: int,
-                    seeds: tuple[int, ...] = ()):
+def create_training(config, backend: parallel.Backend, *, num_classes: int, in_channels: int):
     """(graphdef, state, train_step): the model's state replicated on the backend's devices and
     the train step compiled for it (state in `backend.put_state` layout).
 
-    With `seeds` (and a backend made for len(seeds) of them), the state holds one independently
-    initialised net per seed, stacked on a leading axis, and the step trains them all at once.
+    With several seeds in one program (`backend.seeds`), the state holds one independently
+    initialised net per seed, stacked on the seed axis, and the step trains them all at once.
     """
     bn = models.BatchNormConfig(momentum=config.bn_momentum,
                                 **backend.batch_norm_groups(config.bn_group_size))
-    make = functools.partial(create_model, config, num_classes=num_classes,
-                             in_channels=in_channels, bn=bn, platform=backend.platform)
     schedule = create_lr_schedule(config)
     tx = create_optimizer(config)
-    if len(seeds) != backend.seeds:
-        raise ValueError(f"{len(seeds)} seeds on a backend made for {backend.seeds}")
-    nets = [make(rngs=nnx.Rngs(s)) for s in seeds] or [make()]
-    (graphdef, state), *others = [create_train_state(net, tx, schedule) for net in nets]
-    if seeds:  # one graph, the states stacked
-        state = jax.tree.map(lambda *x: jnp.stack(x), state, *(s for _, s in others))
+    nets = [create_model(config, num_classes=num_classes, in_channels=in_channels, bn=bn,
+                         platform=backend.platform, rngs=nnx.Rngs(seed))
+            for seed in backend.seeds_of(config.seed)]
+    (graphdef, _), *_ = trained = [create_train_state(net, tx, schedule) for net in nets]
+    state = backend.stack_runs([s for _, s in trained])  # one graph, the states stacked
     stages = nets[0].stage_of_block if config.log_diagnostics else None
     step = backend.compile_step(make_train_step(graphdef, tx, schedule, backend.axis_name,
                                                 stages))
     return graphdef, jax.device_put(state, backend.replicated), step
 
 
-def create_feed(config, backend: parallel.Backend, seeds: tuple[int, ...] = ()):
+def create_feed(config, backend: parallel.Backend):
     """The training data as the loop sees it: on the devices (CIFAR-sized sets, data.py) or
     streamed from the hosts, each process reading its share (ImageNet, pipeline.py). With
-    `seeds`, one batch per seed (its own order and augmentation), stacked."""
+    several seeds in one program (`backend.seeds`), one batch per seed (its own order and
+    augmentation), stacked."""
     if pipeline.is_streamed(config.dataset):
-        if seeds:
+        if backend.seeds:
             raise ConfigError(f"{config.dataset} is streamed: train its seeds as separate runs")
         return pipeline.StreamFeed(config, backend)
     ds = data.load(config.dataset, validation_size=config.validation_size,
                    tfds_data_dir=config.tfds_data_dir or None,
                    image_size=config.get("image_size", 0),
                    train_size=config.get("train_size", 0))
-    return data.DeviceFeed(ds, config, backend, seeds)
+    return data.DeviceFeed(ds, config, backend)
 
 
 def load_trained(workdir: str | pathlib.Path, step: int | None = None):
@@ -538,44 +535,222 @@ def train_runs(configs: list, workdirs: list, *, restart: bool = False) -> list[
 
 
 def _train(configs: list, workdirs: list[pathlib.Path], restart: bool) -> list[dict]:
+    """Trains runs that passed `train_runs`' checks from their common step; their summaries."""
     with contextlib.ExitStack() as held:  # the workdirs' locks, released however it ends
-        return _train_held(held, configs, workdirs, restart)
+        training = _Training(held, configs, workdirs, restart)
+        training.loop()
+        return [_finish(c, w, record, training.feed.num_classes)
+                for c, w, record in zip(configs, workdirs, training.final_records())]
 
 
-def _train_held(held: contextlib.ExitStack, configs: list, workdirs: list[pathlib.Path],
-                restart: bool) -> list[dict]:
-    config, runs = configs[0], range(len(configs))
-    seeds = tuple(c.seed for c in configs) if len(configs) > 1 else ()
-    # Run k's part of a tree with a leading seed axis (the whole tree when there is none).
-    part = (lambda tree, k: jax.tree.map(lambda x: x[k], tree)) if seeds else (lambda t, k: t)
-    try:
-        backend = parallel.create_backend(config.parallelism, config.batch_size,
-                                          config.num_devices, seeds=len(seeds))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    # Data before anything is written: a bad dataset must fail first.
-    feed = create_feed(config, backend, seeds)
-    if feed.num_train < config.batch_size:
-        raise ConfigError(f"dataset {config.dataset} has {feed.num_train} training "
-                          f"images, fewer than batch_size={config.batch_size}: lower batch_size")
-    facts = _dataset_facts(feed)
+class _Training:
+    """One training program: its runs (one, or several seeds at once: `parallel.Backend.seeds`),
+    their data, compiled step, checkpoints and outputs. Built by checking everything that can
+    refuse the runs before writing anything; `loop` then trains them from their common step."""
+
+    def __init__(self, held: contextlib.ExitStack, configs: list, workdirs: list[pathlib.Path],
+                 restart: bool):
+        config = self.config = configs[0]
+        self.workdirs = workdirs
+        # Several runs are several seeds in one program; one run has no seed axis.
+        seeds = tuple(c.seed for c in configs) if len(configs) > 1 else ()
+        try:
+            backend = self.backend = parallel.create_backend(
+                config.parallelism, config.batch_size, config.num_devices, seeds=seeds)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        # Data before anything is written: a bad dataset must fail first.
+        self.feed = create_feed(config, backend)
+        if self.feed.num_train < config.batch_size:
+            raise ConfigError(f"dataset {config.dataset} has {self.feed.num_train} training "
+                              f"images, fewer than batch_size={config.batch_size}: lower "
+                              "batch_size")
+        facts = _dataset_facts(self.feed)
+        _lock_workdirs(held, configs, workdirs, facts)
+        graphdef, state, self.train_step = create_training(
+            config, backend, num_classes=self.feed.num_classes,
+            in_channels=self.feed.in_channels)
+        self.checkpointers = [Checkpointer(w / "checkpoints", keep=config.keep_checkpoints)
+                              for w in workdirs]
+        self.start, state = _restore(self.checkpointers, workdirs, backend, state, restart,
+                                     config.total_steps)
+        # Only now that every check has passed: a refused rerun leaves the run as it was.
+        for c, w in zip(configs, workdirs):
+            _write_json(w / "config.json", json.loads(c.to_json()))
+            _write_json(w / DATASET_JSON, facts)
+        self.writers = [MetricsWriter(w, total_steps=config.total_steps,
+                                      label=f"seed {c.seed}: " if backend.seeds else "")
+                        for c, w in zip(configs, workdirs)]
+        for writer in self.writers:
+            writer.truncate(self.start)
+        # The step of each run's last record: the record after the warm-up's end names it.
+        self.logged = [writer.last_record().get("step", 0) for writer in self.writers]
+        self.eval_step = jax.jit(backend.map_seeds(make_eval_step(graphdef), (0, None, None)),
+                                 compiler_options=backend.compiler_options)
+        self.state = backend.put_state(state)
+        self.records = [{} for _ in workdirs]  # each run's last record written here
+        self.clock = _Clock(self.start, config)
+        self._evaluate_lost_final_records()
+
+    def loop(self) -> None:
+        """step -> log -> evaluate -> save, from the runs' common step to `total_steps`."""
+        config, pending, watch = self.config, [], PreemptionWatch()
+        try:
+            for step in range(self.start, config.total_steps):
+                self.state, metrics = self.train_step(self.state, self.feed.train_batch(step))
+                pending.append(metrics)
+                if len(pending) > 2:
+                    # Let the host run at most two steps ahead: a deeper queue gains nothing, and
+                    # on simulated CPU devices it can starve a device of threads in a collective.
+                    jax.block_until_ready(pending[-3])
+                done = step + 1
+                self.clock.stepped(done, metrics)
+                last = done == config.total_steps
+                evaluate = done % config.eval_every_steps == 0 or last
+                save = done % config.checkpoint_every_steps == 0 or last
+                preempted = not last and watch.reached(done)  # every process asks at every step
+                if done % config.log_every_steps == 0 or evaluate:
+                    fetched, pending = jax.device_get(pending), []
+                    _check_finite(fetched, done)
+                    speed = self.clock.speed(done)  # of the train steps alone: before evaluating
+                    evaluated = (self.clock.aside("eval_seconds", self.evaluate, whole=last)
+                                 if evaluate else None)
+                    self.log(done, fetched, speed, evaluated)
+                if save or preempted:
+                    _check_finite(jax.device_get(pending), done)  # never checkpoint a NaN
+                    self.clock.aside("checkpoint_seconds", self.save, done)
+                if preempted:
+                    raise Preempted(done, self.workdirs[0], watch.signum)
+        finally:
+            self.feed.close()
+            watch.close()
+            for closable in (*self.checkpointers, *self.writers):
+                closable.close()
+
+    def log(self, done: int, fetched: list[dict], speed, evaluated: list[dict] | None) -> None:
+        """Writes each run's record of the steps since the last (`fetched`, their metrics): loss
+        and error averaged over them, the rest (lr, diagnostics) of the last; and `evaluated`."""
+        rate, seconds_left = speed
+        timings = self.clock.take_timings()
+        per_step = [self.backend.runs_of(m) for m in fetched]
+        for k, writer in enumerate(self.writers):
+            own = [runs[k] for runs in per_step]
+            record = {**per_layer_metrics(own[-1]),
+                      "train/loss": np.mean([m["loss"] for m in own]),
+                      "train/error": np.mean([m["error"] for m in own])}
+            del record["loss"], record["error"], record["finite"]
+            warmup_end = int(record.pop("warmup_end_step"))
+            if self.logged[k] < warmup_end <= done:
+                record["warmup_end_step"] = warmup_end  # the last step warmed up
+            self.logged[k] = done
+            record["time"] = time.time()
+            if rate is not None:
+                record["examples_per_sec"] = rate * self.config.batch_size
+            record |= (evaluated[k] if evaluated else {}) | timings
+            writer.write(done, record)
+            writer.progress(done, record, seconds_left)
+            self.records[k] = record
+
+    def evaluate(self, whole: bool) -> list[dict]:
+        """Each run's error (%) and loss on every evaluation split; `whole`: all of each split,
+        else the fixed subset (`eval_subset`)."""
+        global_state = self.backend.get_state(self.state)
+        out = [{} for _ in self.workdirs]
+        for name in self.feed.eval_names:
+            sums = [self.eval_step(global_state, b, self.feed.mean)
+                    for b in self.feed.eval_batches(name, whole)]
+            for k, (loss, wrong, count) in enumerate(self.backend.runs_of(
+                    jax.device_get(sum(sums)))):
+                out[k] |= {f"{name}/error": 100.0 * wrong / count, f"{name}/loss": loss / count}
+        return out
+
+    def save(self, done: int) -> None:
+        global_state = self.backend.get_state(self.state)
+        for checkpointer, state in zip(self.checkpointers, self.backend.runs_of(global_state)):
+            checkpointer.save(done, state)
+
+    def _evaluate_lost_final_records(self) -> None:
+        """A run restored at its last step whose final record is lost (killed between its last
+        checkpoint and the record) gets its final state evaluated again; the training error
+        stays the last one logged (a mean over steps that are not trained again)."""
+        lasts = [writer.last_record() for writer in self.writers]
+        lost = [k for k, last in enumerate(lasts) if self.start == self.config.total_steps
+                and not (last.get("step") == self.start and "test/error" in last)]
+        if lost:
+            evaluated = self.evaluate(whole=True)
+            for k in lost:
+                print(f"run in {self.workdirs[k]} is at its last step {self.start} but its final "
+                      f"record is lost: evaluating it (train error of step "
+                      f"{lasts[k].get('step')})", flush=True)
+                self.records[k] = {"train/loss": lasts[k].get("train/loss", np.nan),
+                                   "train/error": lasts[k].get("train/error", np.nan),
+                                   **evaluated[k]}
+
+    def final_records(self) -> list[dict]:
+        """Each run's last record: written here, else (nothing trained now) its file's."""
+        return [record or writer.last_record()
+                for record, writer in zip(self.records, self.writers)]
+
+
+class _Clock:
+    """The loop's wall-clock measurements (metrics.TIMING_KEYS): the train steps' speed, with
+    evaluations and saves kept out, and the seconds those took."""
+
+    def __init__(self, start: int, config):
+        self.total_steps, self.batch_size = config.total_steps, config.batch_size
+        self.t_start, self.step_start = None, start
+        self.seconds_aside = 0.0  # since t_start, spent evaluating and checkpointing
+        self.timings = {}  # seconds per kind since the last record
+
+    def stepped(self, done: int, metrics) -> None:
+        if self.t_start is None:  # the first step compiles: measure speed from after it
+            jax.block_until_ready(metrics)
+            self.t_start, self.step_start = time.perf_counter(), done
+
+    def speed(self, done: int) -> tuple[float | None, float | None]:
+        """(train steps per second, seconds left) at step `done`; None before a timed step."""
+        if done <= self.step_start:
+            return None, None
+        elapsed, steps = time.perf_counter() - self.t_start, done - self.step_start
+        return steps / (elapsed - self.seconds_aside), (self.total_steps - done) * elapsed / steps
+
+    def aside(self, key: str, fn, *args, **kwargs):
+        """`fn(...)`, its seconds added to `key` and kept out of the speed."""
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        seconds = time.perf_counter() - start
+        self.seconds_aside += seconds
+        self.timings[key] = self.timings.get(key, 0.0) + seconds
+        return result
+
+    def take_timings(self) -> dict:
+        """The seconds per kind since the last record (eval_seconds, checkpoint_seconds)."""
+        out = {k: self.timings[k] for k in ("eval_seconds", "checkpoint_seconds")
+               if k in self.timings}
+        self.timings = {}
+        return out
+
+
+def _lock_workdirs(held: contextlib.ExitStack, configs, workdirs, facts: dict) -> None:
+    """Creates and locks each run's workdir (held until `held` closes), checking again that it
+    holds this config's run on this data: another trainer may have just written it."""
     for c, w in zip(configs, workdirs):
         w.mkdir(parents=True, exist_ok=True)
         try:
             held.enter_context(WorkdirLock(w))
         except WorkdirBusy as e:
             raise ConfigError(str(e)) from None
-        _check_workdir(w, c)  # again: a trainer that held the lock may have just written it
+        _check_workdir(w, c)
         _check_dataset(w, facts)
 
-    graphdef, state, train_step = create_training(config, backend, num_classes=feed.num_classes,
-                                                  in_channels=feed.in_channels, seeds=seeds)
-    checkpointers = [Checkpointer(w / "checkpoints", keep=config.keep_checkpoints)
-                     for w in workdirs]
+
+def _restore(checkpointers, workdirs, backend, state, restart: bool, total_steps: int):
+    """(start step, state): each run's latest readable checkpoint, all at one step, stacked as
+    `state` is; none: (0, `state`)."""
     restored = []
-    for k, (w, ckpt) in enumerate(zip(workdirs, checkpointers)):
+    for w, checkpointer, initial in zip(workdirs, checkpointers, backend.runs_of(state)):
         try:
-            restored.append(ckpt.restore_latest(part(state, k), restart=restart))
+            restored.append(checkpointer.restore_latest(initial, restart=restart))
         except SetupMismatch as e:  # a changed dataset or model, not damage: nothing is moved
             raise ConfigError(f"workdir {w} holds checkpoints of a different setup ({e}): use a "
                               "new --workdir, or the data and config it was trained with") from None
@@ -588,124 +763,15 @@ def _train_held(held: contextlib.ExitStack, configs: list, workdirs: list[pathli
             f"runs trained in one program must resume from one step, but their checkpoints are "
             f"at {', '.join(str(r and int(r.step)) for r in restored)}: train them separately")
     start = steps.pop() or 0
-    if start > config.total_steps:  # its summary would name a step it is not at
+    if start > total_steps:  # its summary would name a step it is not at
         raise ConfigError(f"workdir {workdirs[0]} holds checkpoint {start}, past total_steps="
-                          f"{config.total_steps}: pass --config.total_steps={start} or more, or "
-                          "use a new --workdir")
-    if restored[0] is not None:
-        state = jax.tree.map(lambda *x: jnp.stack(x), *restored) if seeds else restored[0]
-        for w in workdirs:
-            print(f"resuming from step {start} in {w}", flush=True)
-    # Only now that every check has passed: a refused rerun leaves the run as it was.
-    for c, w in zip(configs, workdirs):
-        _write_json(w / "config.json", json.loads(c.to_json()))
-        _write_json(w / DATASET_JSON, facts)
-    writers = [MetricsWriter(w, total_steps=config.total_steps,
-                             label=f"seed {c.seed}: " if seeds else "")
-               for c, w in zip(configs, workdirs)]
-    for writer in writers:
-        writer.truncate(start)
-    # The step of each run's last record: the record after the warm-up's end names it.
-    logged = [writer.last_record().get("step", 0) for writer in writers]
-    eval_step = make_eval_step(graphdef)
-    eval_step = jax.jit(backend.map_seeds(eval_step, (0, None, None)) if seeds else eval_step,
-                        compiler_options=backend.compiler_options)
-
-    def evaluate(global_state, whole: bool) -> list[dict]:
-        out = [{} for _ in runs]
-        for name in feed.eval_names:
-            sums = [eval_step(global_state, b, feed.mean) for b in feed.eval_batches(name, whole)]
-            total = jax.device_get(sum(sums))
-            for k in runs:
-                loss, wrong, count = part(total, k)
-                out[k] |= {f"{name}/error": 100.0 * wrong / count, f"{name}/loss": loss / count}
-        return out
-
-    state = backend.put_state(state)
-    pending, records, t_start, step_start = [], [{} for _ in runs], None, start
-    # Seconds since t_start spent evaluating and checkpointing: kept out of the train step's
-    # throughput (`examples_per_sec`), and reported beside it.
-    aside, checkpoint_seconds = 0.0, None
-    lasts = [writer.last_record() for writer in writers]
-    lost = [k for k in runs if start == config.total_steps  # restored at its last step, and
-            and not (lasts[k].get("step") == start and "test/error" in lasts[k])]  # no record
-    if lost:
-        # Evaluate the final state again; the training error stays the last one logged (a mean
-        # over steps that are not trained again).
-        evaluated = evaluate(backend.get_state(state), whole=True)
-        for k in lost:
-            print(f"run in {workdirs[k]} is at its last step {start} but its final record is "
-                  f"lost: evaluating it (train error of step {lasts[k].get('step')})", flush=True)
-            records[k] = {"train/loss": lasts[k].get("train/loss", np.nan),
-                          "train/error": lasts[k].get("train/error", np.nan), **evaluated[k]}
-    watch = PreemptionWatch()
-    try:
-        for step in range(start, config.total_steps):
-            state, metrics = train_step(state, feed.train_batch(step))
-            pending.append(metrics)
-            if len(pending) > 2:
-                # Let the host run at most two steps ahead: a deeper queue gains nothing, and on
-                # simulated CPU devices it can starve a device of threads inside a collective.
-                jax.block_until_ready(pending[-3])
-            done = step + 1
-            if t_start is None:  # the first step compiles: measure speed from after it
-                jax.block_until_ready(metrics)
-                t_start, step_start = time.perf_counter(), done
-            last = done == config.total_steps
-            evaluate_now = done % config.eval_every_steps == 0 or last
-            save = done % config.checkpoint_every_steps == 0 or last
-            preempted = not last and watch.reached(done)  # every process asks at every step
-            if done % config.log_every_steps == 0 or evaluate_now:
-                fetched, pending = jax.device_get(pending), []
-                _check_finite(fetched, done)
-                now, seconds_left, rate = time.perf_counter(), None, None
-                if done > step_start:
-                    rate = (done - step_start) / (now - t_start - aside)  # train steps alone
-                    seconds_left = (config.total_steps - done) * (now - t_start) / (
-                        done - step_start)
-                evaluated = evaluate(backend.get_state(state), whole=last) if evaluate_now else None
-                eval_seconds = time.perf_counter() - now if evaluate_now else None
-                aside += eval_seconds or 0.0
-                for k in runs:
-                    own = [part(m, k) for m in fetched]
-                    # Loss and error average the window; the rest (lr, diagnostics): its last step.
-                    record = {**per_layer_metrics(own[-1]),
-                              "train/loss": np.mean([m["loss"] for m in own]),
-                              "train/error": np.mean([m["error"] for m in own])}
-                    del record["loss"], record["error"], record["finite"]
-                    warmup_end = int(record.pop("warmup_end_step"))
-                    if logged[k] < warmup_end <= done:
-                        record["warmup_end_step"] = warmup_end  # the last step warmed up
-                    logged[k] = done
-                    record["time"] = time.time()
-                    if rate is not None:
-                        record["examples_per_sec"] = rate * config.batch_size
-                    if evaluated:
-                        record |= evaluated[k] | {"eval_seconds": eval_seconds}
-                    if checkpoint_seconds is not None:  # the saves since the last record
-                        record["checkpoint_seconds"] = checkpoint_seconds
-                    writers[k].write(done, record)
-                    writers[k].progress(done, record, seconds_left)
-                    records[k] = record
-                checkpoint_seconds = None
-            if save or preempted:
-                _check_finite(jax.device_get(pending), done)  # never checkpoint a NaN
-                saving = time.perf_counter()
-                global_state = backend.get_state(state)
-                for k, ckpt in enumerate(checkpointers):
-                    ckpt.save(done, part(global_state, k))
-                checkpoint_seconds = (checkpoint_seconds or 0.0) + time.perf_counter() - saving
-                aside += time.perf_counter() - saving
-            if preempted:
-                raise Preempted(done, workdirs[0], watch.signum)
-    finally:
-        feed.close()
-        watch.close()
-        for closable in (*checkpointers, *writers):
-            closable.close()
-
-    return [_finish(c, w, records[k] or writers[k].last_record(), feed.num_classes)
-            for k, (c, w) in enumerate(zip(configs, workdirs))]
+                          f"{total_steps}: pass --config.total_steps={start} or more, or use a "
+                          "new --workdir")
+    if restored[0] is None:
+        return 0, state
+    for w in workdirs:
+        print(f"resuming from step {start} in {w}", flush=True)
+    return start, backend.stack_runs(restored)
 
 
 def _finish(config, workdir: pathlib.Path, final: dict, num_classes: int) -> dict:
