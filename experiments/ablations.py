@@ -22,7 +22,8 @@ import json
 import pathlib
 import sys
 
-from experiments.degradation import PRESETS, collect, mean_std, not_converged, seed_statistics
+from experiments.common import collect, mean_std, not_converged, seed_statistics
+from experiments.degradation import PRESETS  # the ablations run at a degradation preset's scale
 from experiments.sweep import Run, run_sweep_command
 from resnet_jax.cli import ArgumentParser
 

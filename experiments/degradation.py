@@ -40,11 +40,12 @@ import csv
 import dataclasses
 import json
 import pathlib
-import statistics
 import sys
 
+from experiments.common import collect, mean_std, not_converged, seed_statistics
 from experiments.sweep import Run, failures, run_sweep_command
 from resnet_jax.cli import ArgumentParser
+from resnet_jax.configs import net_name, warmup
 
 # He et al. 2015, Table 6: CIFAR-10 test error (%) of the residual nets. ResNet-110 was trained 5
 # times ("best (mean +- std)"); every other net once (n = 1: `mean` is that run's error).
@@ -67,7 +68,6 @@ class Preset:
     learning_rate: float = 0.1  # the paper's; tiny sets with short schedules need less
     width: int = 1
     base_width: int = 16  # the paper's 16/32/64 filters; narrower for CPU-scale sweeps
-    warmup_from_depth: int = 110  # the paper warms ResNet-110 up (the rule: `schedule`)
     # Batch-norm statistics per this many images of each global batch (0: all of it); the
     # paper's 2 GPUs x 64 images are 64.
     bn_group_size: int = 0
@@ -80,16 +80,12 @@ class Preset:
 
     def schedule(self, depth: int) -> dict:
         """Config overrides: the paper's schedule scaled to `total_steps` iterations."""
-        s, warm = self.total_steps, depth >= self.warmup_from_depth
+        s = self.total_steps
         return {
             "total_steps": s, "batch_size": self.batch_size,
             "learning_rate": self.learning_rate, "warmup_learning_rate": self.learning_rate / 10,
             "lr_boundaries_steps": (s // 2, s * 3 // 4),  # 32k and 48k of 64k, scaled
-            # The paper's rule (train.LrSchedule): lr / 10 until the training error of the last
-            # 20 batches is below 80 %, at most 2,000 of 64k iterations; both counts scaled.
-            "warmup_until_error": 80.0 if warm else 0.0,
-            "warmup_steps": max(1, 2_000 * s // 64_000) if warm else 0,
-            "warmup_error_window_steps": max(1, 20 * s // 64_000),
+            **warmup(depth, s),  # the paper's rule for ResNet-110 and deeper, scaled
             "bn_group_size": self.bn_group_size,
             "log_every_steps": self.log_every_steps, "eval_every_steps": self.eval_every_steps,
             "eval_subset": self.eval_subset,
@@ -131,53 +127,6 @@ PRESETS = {
 # --- Results -------------------------------------------------------------------------------
 
 
-def collect(root: pathlib.Path) -> list[dict]:
-    """Every finished run under root: its arguments, curves and summary. A damaged config.json
-    or summary.json is a ConfigError naming it."""
-    from resnet_jax.metrics import read_records
-    from resnet_jax.train import read_run_json
-
-    out = []
-    for summary_path in sorted(root.glob("*/summary.json")):
-        run_dir = summary_path.parent
-        config = read_run_json(run_dir / "config.json")
-        records = read_records(run_dir / "metrics.jsonl")  # as the trainer reads it: cut lines out
-        out.append({"name": run_dir.name, "depth": config["depth"],
-                    "residual": config["residual"], "seed": config["seed"], "config": config,
-                    "summary": read_run_json(summary_path), "curve": records})
-    return out
-
-
-def seed_statistics(group: list[dict]) -> dict:
-    """Over the seeds of one net that converged: mean, std (None below 2 seeds), median and the
-    best (lowest) test error. The seeds that did not converge are counted and named, not
-    averaged in (as the paper reports failed runs apart)."""
-    converged = [r for r in group if r["summary"].get("converged", True)]
-    row = {"seeds": len(group), "converged_seeds": len(converged),
-           "not_converged_seeds": [r["seed"] for r in group
-                                   if not r["summary"].get("converged", True)]}
-    for split in ("train", "test"):
-        values = [r["summary"][f"{split}/error"] for r in converged]
-        row[f"{split}_mean"] = statistics.fmean(values) if values else None
-        row[f"{split}_std"] = statistics.stdev(values) if len(values) > 1 else None
-        row[f"{split}_median"] = statistics.median(values) if values else None
-    row["test_best"] = min(values) if values else None
-    return row
-
-
-def mean_std(row: dict, split: str) -> str:
-    """'6.70 +- 0.22 (n=4)' over the converged seeds; one seed: its error alone; none: '-'."""
-    n, mean, std = row["converged_seeds"], row[f"{split}_mean"], row[f"{split}_std"]
-    if not n:
-        return "-"
-    return f"{mean:.2f}" if n == 1 else f"{mean:.2f} +- {std:.2f} (n={n})"
-
-
-def not_converged(row: dict) -> str:
-    seeds = row["not_converged_seeds"]
-    return f"{len(seeds)} (seed {', '.join(map(str, seeds))})" if seeds else ""
-
-
 def table(results: list[dict], paper: bool = False) -> list[dict]:
     """Final errors per (net, depth) over the seeds that converged; with `paper`, the paper's
     Table 6 entry of each residual net beside them."""
@@ -185,7 +134,7 @@ def table(results: list[dict], paper: bool = False) -> list[dict]:
     keys = sorted({(r["residual"], r["depth"]) for r in results})
     for residual, depth in keys:
         group = [r for r in results if (r["residual"], r["depth"]) == (residual, depth)]
-        row = {"net": f"{'ResNet' if residual else 'plain'}-{depth}", "depth": depth,
+        row = {"net": net_name(depth, residual), "depth": depth,
                "residual": residual, **seed_statistics(group)}
         if paper and residual and depth in PAPER_TABLE6:
             entry = PAPER_TABLE6[depth]
@@ -255,7 +204,7 @@ def write_table(rows: list[dict], root: pathlib.Path, title: str, *, setup: str 
     if failed:
         lines += ["", "## Not converged (left out of the statistics above)", "",
                   "| net | seed | train error % | test error % |", "|---|---:|---:|---:|"]
-        lines += [f"| {'ResNet' if r['residual'] else 'plain'}-{r['depth']} | {r['seed']} | "
+        lines += [f"| {net_name(r['depth'], r['residual'])} | {r['seed']} | "
                   f"{r['summary']['train/error']:.2f} | {r['summary']['test/error']:.2f} |"
                   for r in failed]
     if not paper:
@@ -281,7 +230,7 @@ def plot(results: list[dict], root: pathlib.Path, title: str) -> None:
         for depth in depths:
             runs = [r for r in results if r["residual"] == residual and r["depth"] == depth]
             for i, r in enumerate(runs):
-                label = f"{'ResNet' if residual else 'plain'}-{depth}" if i == 0 else None
+                label = net_name(depth, residual) if i == 0 else None
                 steps = [c["step"] for c in r["curve"]]
                 ax.plot(steps, [c["train/error"] for c in r["curve"]], "--", lw=1,
                         color=colors[depth])

@@ -29,6 +29,7 @@ import numpy as np
 
 from resnet_jax import data, models, train
 from resnet_jax.cli import ArgumentParser
+from resnet_jax.configs import net_name
 
 DEPTHS = (20, 56, 110)
 
@@ -66,7 +67,7 @@ def plot(found: dict, root: pathlib.Path, title: str, bn_label: str) -> None:
     fig, axes = plt.subplots(2, 1, figsize=(8, 7))
     styles = {False: "--", True: "-"}
     for (depth, residual), stds in sorted(found.items()):
-        label = f"{'ResNet' if residual else 'plain'}-{depth}"
+        label = net_name(depth, residual)
         axes[0].plot(range(1, len(stds) + 1), stds, styles[residual], label=label)
         axes[1].plot(range(1, len(stds) + 1), sorted(stds, reverse=True), styles[residual],
                      label=label)
@@ -118,10 +119,10 @@ def main(argv=None) -> int:
     (root / "layer_responses.json").write_text(json.dumps(
         {"batch_norm": bn_label, "precise_bn_images": args.precise_bn_images,
          "test_images": args.num_images,
-         "response_std": {f"{'ResNet' if r else 'plain'}-{d}": stds
+         "response_std": {net_name(d, r): stds
                           for (d, r), stds in sorted(found.items())}}, indent=2) + "\n")
     print(f"wrote {root / 'layer_responses.png'} for "
-          + ", ".join(f"{'ResNet' if r else 'plain'}-{d}" for d, r in sorted(found)))
+          + ", ".join(net_name(d, r) for d, r in sorted(found)))
     return 0
 
 

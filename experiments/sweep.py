@@ -27,6 +27,8 @@ import sys
 import time
 import traceback
 
+from resnet_jax.files import write_atomically
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FAILURE = "failure.json"  # in a run's directory: why its last attempt failed
 # A run's exit status when a signal stopped it: at a checkpoint (128 + the signal), or before its
@@ -103,13 +105,11 @@ def failures(root: pathlib.Path) -> dict[str, str]:
 def _record_failure(workdir: pathlib.Path, reason: str) -> None:
     """Writes `FAILURE` whole or not at all; failing to (a full disk) only loses the record, since
     the sweep names the run at its end anyway."""
-    tmp = workdir / f"{FAILURE}.tmp"
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"reason": reason}) + "\n")
-        os.replace(tmp, workdir / FAILURE)
+        write_atomically(workdir / FAILURE, json.dumps({"reason": reason}) + "\n")
     except OSError:
-        tmp.unlink(missing_ok=True)
+        pass
 
 
 def run_sweep_command(prog: str, runs: list[Run], root: pathlib.Path, *, processes: int = 1,

@@ -15,7 +15,8 @@ import time
 import jax
 import numpy as np
 
-from resnet_jax import parallel, summary, train
+from resnet_jax import models, parallel, summary, train
+from resnet_jax.configs import net_name
 
 # Dense peak FLOP/s per device by (device_kind substring, dtype), from the vendors' data sheets.
 PEAK_FLOPS = {
@@ -34,15 +35,16 @@ def peak_flops(device_kind: str, dtype: str) -> float | None:
 
 def prepare(config, *, num_seeds: int = 0, xla_options: dict | None = None):
     """(backend, state, step, batch): the train step of `config`, not yet compiled, its state
-    on the devices and a fixed random batch (3 channels, 10 classes, the config's image size).
+    on the devices and a fixed random batch (3 channels; the family's classes, and image size
+    unless the config sets one: models.FAMILIES).
     `num_seeds=K`: K nets at once (seeds config.seed, config.seed + 1, ...), each with its own
     batch. `xla_options`: XLA options instead of `parallel.compiler_options`'s."""
     train.check_config(config)
     seeds = tuple(range(config.seed, config.seed + num_seeds))
     backend = parallel.create_backend(config.parallelism, config.batch_size, config.num_devices,
                                       seeds=seeds, xla_options=xla_options)
-    size = config.get("image_size") or (224 if config.model == "imagenet" else 32)
-    classes = 1000 if config.model == "imagenet" else 10
+    family = models.FAMILIES[config.model]  # the input the paper feeds the family
+    size, classes = config.get("image_size") or family.image_size, family.num_classes
     graphdef, state, step = train.create_training(config, backend, num_classes=classes,
                                                   in_channels=3)
     rng = np.random.default_rng(0)
@@ -91,7 +93,7 @@ def measure(config, *, steps: int = 20, warmup: int = 2, num_seeds: int = 0) -> 
     device = jax.devices()[0]
     peak = peak_flops(device.device_kind, config.dtype)
     return {
-        "net": f"{'ResNet' if config.residual else 'plain'}-{config.depth}",
+        "net": net_name(config.depth, config.residual),
         "batch": config.batch_size, "seeds": max(num_seeds, 1), "dtype": config.dtype,
         "devices": backend.num_devices, "device": device.device_kind,
         "images_per_sec": max(num_seeds, 1) * config.batch_size / seconds,

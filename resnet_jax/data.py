@@ -1,10 +1,12 @@
 """Datasets as host-side numpy arrays: uint8 images (N, H, W, C) and int32 labels (N,).
 
-`load(name)` knows four sources:
+`load(name)` knows the datasets of `DATASETS` (their shapes and readers, one entry each) and
+image folders:
   digits            scikit-learn's bundled 8x8 digits: real data offline, for smoke tests.
   synthetic         random images, for benchmarks.
   cifar10/cifar100  TFDS array_record copies, read with `tfds.data_source` (no TensorFlow needed).
   folder:<path>     an image-folder tree <path>/{train,test}/<class>/<image>.
+  imagenet2012      streamed, never loaded whole (pipeline.py); listed for its shape and splits.
 Decoding TFDS and folder datasets is slow, so the decoded arrays are cached as .npz under
 `cache_dir()`, keyed by the source files' paths, sizes and mtimes: only the first load decodes.
 
@@ -19,7 +21,6 @@ import functools
 import hashlib
 import os
 import pathlib
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator
@@ -29,7 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-VALID_NAMES = "cifar10, cifar100, digits, synthetic, folder:<path>"
+from resnet_jax.files import write_atomically
+
+FOLDER = "folder:"  # folder:<path>: an image-folder tree, its shape and classes read from it
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _CACHE_VERSION = 1  # Bump when decoding changes, so caches written by older code are not read.
 
@@ -68,16 +71,13 @@ def load(name: str, *, validation_size: int = 0, tfds_data_dir: str | None = Non
     subset of that many of the remaining training examples (the same for every run and seed),
     for studies that need many epochs in few iterations; the test split stays whole.
     """
-    if name == "digits":
-        num_classes, train, test = _digits()
-    elif name == "synthetic":
-        num_classes, train, test = _synthetic()
-    elif name in ("cifar10", "cifar100"):
-        num_classes, train, test = _tfds(name, tfds_data_dir)
-    elif name.startswith("folder:"):
-        num_classes, train, test = _folder(name.removeprefix("folder:"))
+    source = DATASETS.get(name)
+    if name.startswith(FOLDER):
+        num_classes, train, test = _folder(name.removeprefix(FOLDER))
+    elif source is not None and not source.streamed:
+        num_classes, train, test = source.read(name, tfds_data_dir)
     else:
-        raise DataError(f"unknown dataset {name!r}: use one of {VALID_NAMES}")
+        raise DataError(f"unknown dataset {name!r}: use one of {valid_names()}")
     if image_size:
         train, test = (downsample(split, image_size, name) for split in (train, test))
     train, validation = _hold_out(train, validation_size, name)
@@ -90,16 +90,15 @@ def load(name: str, *, validation_size: int = 0, tfds_data_dir: str | None = Non
     return Dataset(name, num_classes, train, test, validation)
 
 
-# (image shape, classes) of the named sets, for summaries that should not read any data.
-KNOWN_SHAPES = {"cifar10": ((32, 32, 3), 10), "cifar100": ((32, 32, 3), 100),
-                "digits": ((8, 8, 1), 10), "synthetic": ((32, 32, 3), 10),
-                "imagenet2012": ((224, 224, 3), 1000)}
+def valid_names() -> str:
+    """The names `load` takes, for error messages."""
+    return ", ".join(sorted(n for n, s in DATASETS.items() if not s.streamed)) + f", {FOLDER}<path>"
 
 
 def shape_of(name: str) -> tuple[tuple[int, int, int], int]:
     """(image shape, number of classes) of dataset `name`, reading data only for folders."""
-    if name in KNOWN_SHAPES:
-        return KNOWN_SHAPES[name]
+    if name in DATASETS:
+        return DATASETS[name].image_shape, DATASETS[name].num_classes
     ds = load(name)
     return ds.train.images.shape[1:], ds.num_classes
 
@@ -133,7 +132,10 @@ def _hold_out(train: Split, n: int, name: str) -> tuple[Split, Split | None]:
             Split(train.images[held], train.labels[held]))
 
 
-def _digits() -> tuple[int, Split, Split]:
+# --- Readers: (name, tfds_data_dir) -> (num_classes, train, test) ---------------------------
+
+
+def _digits(name: str, data_dir: str | None) -> tuple[int, Split, Split]:
     from sklearn.datasets import load_digits  # Imported here: scikit-learn is slow to import.
 
     digits = load_digits()
@@ -144,7 +146,7 @@ def _digits() -> tuple[int, Split, Split]:
     return 10, Split(images[train], labels[train]), Split(images[test], labels[test])
 
 
-def _synthetic() -> tuple[int, Split, Split]:
+def _synthetic(name: str, data_dir: str | None) -> tuple[int, Split, Split]:
     rng = np.random.default_rng(0)
 
     def split(n):
@@ -187,6 +189,32 @@ def _tfds(name: str, data_dir: str | None) -> tuple[int, Split, Split]:
     files = sorted(e.path for e in os.scandir(root) if e.is_file())
     num_classes = builder.info.features["label"].num_classes
     return _cached(f"{name}-{_fingerprint(root, files)}", lambda: (num_classes, *read()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A named dataset: its image shape and classes, known without reading it, and its reader
+    (None: streamed from the hosts by pipeline.py, never loaded whole; `eval_split` is the
+    labelled held-out split that plays "test" there)."""
+
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    read: Callable[[str, str | None], tuple[int, Split, Split]] | None
+    eval_split: str = "test"
+
+    @property
+    def streamed(self) -> bool:
+        return self.read is None
+
+
+# Every named dataset. A new one: its reader above (or none, if streamed) and one entry here.
+DATASETS = {
+    "cifar10": Source((32, 32, 3), 10, _tfds),
+    "cifar100": Source((32, 32, 3), 100, _tfds),  # the fine, 100-class labels
+    "digits": Source((8, 8, 1), 10, _digits),
+    "synthetic": Source((32, 32, 3), 10, _synthetic),
+    "imagenet2012": Source((224, 224, 3), 1000, None, eval_split="validation"),
+}
 
 
 def _folder(path: str) -> tuple[int, Split, Split]:
@@ -319,23 +347,15 @@ def _cached(stem: str, build: Callable[[], tuple[int, Split, Split]]) -> tuple[i
             print(f"discarding the unreadable data cache {path} ({type(e).__name__}); "
                   "decoding the dataset again", flush=True)
     num_classes, train, test = build()
-    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Written beside the target, then renamed: an interrupted write never leaves a partial
-        # cache.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, num_classes=num_classes, train_images=train.images,
-                     train_labels=train.labels, test_images=test.images, test_labels=test.labels)
-        os.replace(tmp, path)
+        write_atomically(path, lambda f: np.savez(
+            f, num_classes=num_classes, train_images=train.images, train_labels=train.labels,
+            test_images=test.images, test_labels=test.labels))
     except OSError as e:
         raise DataError(f"cannot write the data cache {path} ({e.strerror or e}): set "
                         "$RESNET_JAX_CACHE to a directory you can write to, or free space"
                         ) from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
     return num_classes, train, test
 
 
@@ -395,8 +415,19 @@ def train_batch(images, labels, mean, key, step, *, batch_size: int, padding: in
 def subset(split: Split, size: int, seed: int = 0) -> Split:
     """A fixed random `size` examples of `split` in their original order (splits are often
     sorted by class, so the first `size` would not do)."""
-    keep = np.sort(np.random.default_rng(seed).permutation(len(split.labels))[:size])
+    keep = subset_indices(len(split.labels), size, seed)
     return Split(split.images[keep], split.labels[keep])
+
+
+def subset_indices(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """The indices of `subset`: a fixed random `size` of range(n), in increasing order."""
+    return np.sort(np.random.default_rng(seed).permutation(n)[:size])
+
+
+def eval_batch_size(requested: int, num_devices: int) -> int:
+    """`eval_batch_size` as evaluation uses it: a multiple of the device count, at least one
+    example per device (the last batch is padded and masked)."""
+    return max(num_devices, requested // num_devices * num_devices)
 
 
 def eval_batches(split: Split, batch_size: int) -> dict[str, np.ndarray]:
@@ -438,7 +469,7 @@ class DeviceFeed:
         self._cut = backend.compile_batch(cut)
 
         n = backend.num_devices
-        batch_size = max(n, config.eval_batch_size // n * n)
+        batch_size = eval_batch_size(config.eval_batch_size, n)
         splits = {"test": ds.test} | ({"val": ds.validation} if ds.validation else {})
 
         def put(split):

@@ -218,8 +218,7 @@ class ResNet(nnx.Module):
                  shortcut: str = "A", preact: bool = False, dtype=jnp.float32,
                  bn: BatchNormConfig = BatchNormConfig(), scan_blocks: bool = False,
                  convolution: Callable = jax.lax.conv_general_dilated, rngs: nnx.Rngs):
-        if shortcut not in SHORTCUTS:
-            raise ValueError(f"unknown shortcut {shortcut!r}: use one of {', '.join(SHORTCUTS)}")
+        _check_shortcut(shortcut)
         self.stem_kind, self.preact, self.dtype = stem, preact, dtype
         stem_width = stage_widths[0]
         k, s = (3, 1) if stem == "cifar" else (7, 2)
@@ -262,41 +261,85 @@ class ResNet(nnx.Module):
         return self.head(x).astype(jnp.float32)
 
 
-def check_architecture(family: str, depth: int, width: int = 1,
-                       bottleneck: bool = False) -> None:
-    """Raises ValueError (one line: problem and fix) for a depth or width the family lacks."""
-    if family == "cifar" and bottleneck and (depth < 11 or (depth - 2) % 9):
-        raise ValueError(f"bottleneck depth {depth} is not 9n+2: use 164, 1001 or another "
-                         "9n+2 >= 11 (He et al. 2016)")
-    if family == "cifar" and not bottleneck and (depth < 8 or (depth - 2) % 6):
-        raise ValueError(
-            f"depth {depth} is not 6n+2: use 20, 32, 44, 56, 110, 1202 or another 6n+2 >= 8")
-    if family == "imagenet" and depth not in IMAGENET_STAGES:
-        raise ValueError(f"ImageNet depth {depth} is not in Table 1: use one of "
-                         + ", ".join(map(str, IMAGENET_STAGES)))
-    if width < 1:
-        raise ValueError(f"width {width} must be a positive integer, e.g. width=1")
-
-
 def cifar_resnet(depth: int, *, width: int = 1, base_width: int = 16, bottleneck: bool = False,
                  num_classes: int = 10, **kwargs) -> ResNet:
     """The CIFAR family of Sec. 4.2: depth 6n+2, n basic blocks per stage of 16/32/64 filters
     (`base_width` x 1/2/4, times the multiplier `width`; narrower nets for CPU-scale sweeps).
     `bottleneck=True`: depth 9n+2, n bottlenecks per stage with 64/128/256 outputs, as in the
     164- and 1001-layer nets of He et al. 2016."""
-    check_architecture("cifar", depth, width * base_width, bottleneck)
+    check_cifar(depth, width=width, base_width=base_width, bottleneck=bottleneck)
     n, w = (depth - 2) // (9 if bottleneck else 6), base_width * width
     return ResNet(stem="cifar", stage_sizes=(n, n, n), stage_widths=(w, 2 * w, 4 * w),
                   bottleneck=bottleneck, num_classes=num_classes, **kwargs)
 
 
+def check_cifar(depth: int, *, width: int = 1, base_width: int = 16,
+                bottleneck: bool = False) -> None:
+    _check_positive(width=width, base_width=base_width)
+    if bottleneck and (depth < 11 or (depth - 2) % 9):
+        raise ValueError(f"bottleneck depth {depth} is not 9n+2: use 164, 1001 or another "
+                         "9n+2 >= 11 (He et al. 2016)")
+    if not bottleneck and (depth < 8 or (depth - 2) % 6):
+        raise ValueError(
+            f"depth {depth} is not 6n+2: use 20, 32, 44, 56, 110, 1202 or another 6n+2 >= 8")
+
+
 def imagenet_resnet(depth: int, *, width: int = 1, num_classes: int = 1000, **kwargs) -> ResNet:
     """ResNet-18/34 (basic blocks) and 50/101/152 (bottlenecks), Table 1."""
-    check_architecture("imagenet", depth, width)
+    check_imagenet(depth, width=width)
     sizes, bottleneck = IMAGENET_STAGES[depth]
     widths = tuple(w * width for w in (64, 128, 256, 512))
     return ResNet(stem="imagenet", stage_sizes=sizes, stage_widths=widths,
                   bottleneck=bottleneck, num_classes=num_classes, **kwargs)
+
+
+def check_imagenet(depth: int, *, width: int = 1) -> None:
+    _check_positive(width=width)
+    if depth not in IMAGENET_STAGES:
+        raise ValueError(f"ImageNet depth {depth} is not in Table 1: use one of "
+                         + ", ".join(map(str, IMAGENET_STAGES)))
+
+
+def _check_positive(**widths: int) -> None:
+    for key, value in widths.items():
+        if value < 1:
+            raise ValueError(f"{key}={value} must be a positive integer, e.g. {key}=1")
+
+
+def _check_shortcut(shortcut: str) -> None:
+    if shortcut not in SHORTCUTS:
+        raise ValueError(f"unknown shortcut {shortcut!r}: use one of {', '.join(SHORTCUTS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A model family, as a config names it (`config.model`): its constructor `build(depth,
+    width=..., **options, ...)` and the check of those arguments, the config keys it takes
+    beyond depth and width (`options`), and the input the paper feeds it."""
+
+    build: Callable[..., ResNet]
+    check: Callable[..., None]
+    options: tuple[str, ...]
+    image_size: int
+    num_classes: int
+
+
+# A new family: its constructor and check above, one entry here, and a config file in configs/.
+FAMILIES = {
+    "cifar": Family(cifar_resnet, check_cifar, ("base_width", "bottleneck"), 32, 10),
+    "imagenet": Family(imagenet_resnet, check_imagenet, (), 224, 1000),
+}
+
+
+def check_architecture(family: str, depth: int, *, width: int = 1, shortcut: str = "A",
+                       **options) -> None:
+    """Raises ValueError (one line: problem and fix) for a family, depth, width, shortcut or
+    family option the nets lack: what the constructors check, before building anything."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model {family!r}: use {' or '.join(FAMILIES)} (pick its "
+                         "config file in resnet_jax/configs/, e.g. cifar.py)")
+    _check_shortcut(shortcut)
+    FAMILIES[family].check(depth, width=width, **options)
 
 
 # --- Measuring the nets: layer responses (Fig. 7) and branch ratios, sown in the forward pass.

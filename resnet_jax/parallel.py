@@ -328,12 +328,16 @@ class PmapBackend(Backend):
 BACKENDS = {"jit": JitBackend, "pmap": PmapBackend}  # config.parallelism -> its backend
 
 
+def check_parallelism(name: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown parallelism {name!r}: use one of {', '.join(BACKENDS)}")
+
+
 def create_backend(name: str, batch_size: int, num_devices: int = 0,
                    seeds: tuple[int, ...] = (), xla_options: dict | None = None) -> Backend:
     """The backend `name` (config.parallelism) over `num_devices` devices (0: all), for a
     global batch of `batch_size`; `seeds`: several seeds in one program (`Backend.seeds`)."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown parallelism {name!r}: use one of {', '.join(BACKENDS)}")
+    check_parallelism(name)
     mesh = create_mesh(num_devices)
     if batch_size % mesh.size:
         raise ValueError(

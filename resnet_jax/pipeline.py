@@ -38,16 +38,16 @@ from resnet_jax import data
 # second, which everything that imports train.py but streams nothing (CIFAR-sized sets,
 # `resnet-jax summary`) need not pay.
 
-STREAMED = ("imagenet2012",)
 # ImageNet's per-channel mean in [0, 1]; subtracted on the device. (The paper subtracts the
 # per-pixel mean, Sec. 3.4; on random-sized crops that reduces to the per-channel mean.)
 MEAN_RGB = (0.485, 0.456, 0.406)
 CROP_FRACTION = 0.875  # evaluation: shorter side resized to size / 0.875, then a centre crop
-EVAL_SPLIT = {"imagenet2012": "validation"}  # the labelled held-out split plays "test"
 
 
 def is_streamed(name: str) -> bool:
-    return name in STREAMED
+    """Whether dataset `name` streams from the hosts (data.DATASETS says which do)."""
+    entry = data.DATASETS.get(name)
+    return entry is not None and entry.streamed
 
 
 def source(name: str, split: str, data_dir: str | None = None) -> Sequence[dict]:
@@ -222,7 +222,7 @@ class StreamFeed:
         data_dir = config.tfds_data_dir or None
         self.name = config.dataset
         self.train = source(self.name, "train", data_dir)
-        self.test = source(self.name, EVAL_SPLIT[self.name], data_dir)
+        self.test = source(self.name, data.DATASETS[self.name].eval_split, data_dir)
         self.num_classes, self.in_channels = num_classes(self.name, data_dir), 3
         self.num_train, self.image_shape = len(self.train), (config.image_size,) * 2 + (3,)
         self.config, self.backend = config, backend
@@ -232,7 +232,7 @@ class StreamFeed:
         self._normalize = jax.jit(lambda b, mean: {**b, "image": data.normalize(b["image"], mean)},
                                   out_shardings=backend.data_sharding)
         subset = config.eval_subset
-        self._subset = (np.sort(np.random.default_rng(0).permutation(len(self.test))[:subset])
+        self._subset = (data.subset_indices(len(self.test), subset)
                         if subset and subset < len(self.test) else None)
 
     @property
@@ -265,8 +265,7 @@ class StreamFeed:
 
     @property
     def eval_batch_size(self) -> int:
-        n = self.backend.num_devices
-        return max(n, self.config.eval_batch_size // n * n)
+        return data.eval_batch_size(self.config.eval_batch_size, self.backend.num_devices)
 
     def close(self) -> None:
         if self._iterator is not None and hasattr(self._iterator, "close"):

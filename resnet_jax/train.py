@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import os
 import pathlib
@@ -27,6 +26,7 @@ from flax import nnx
 from resnet_jax import data, models, parallel, pipeline, xla_cpu
 from resnet_jax.checkpoint import (Checkpointer, NoneReadable, Preempted, PreemptionWatch,
                                    SetupMismatch, WorkdirBusy, WorkdirLock)
+from resnet_jax.files import write_atomically
 from resnet_jax.metrics import MetricsWriter
 
 BLOCKS = {"post": False, "pre": True}  # block -> pre-activation?
@@ -48,14 +48,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         if not ok:
             raise ConfigError(message)
 
-    need(config.model in ("cifar", "imagenet"), f"unknown model {config.model!r}: use cifar or "
-         "imagenet (pick the config file resnet_jax/configs/cifar.py or imagenet.py)")
+    family = models.FAMILIES.get(config.model)
+    try:  # the net (family, depth, widths, shortcut) and the parallelism: checked by their owners
+        models.check_architecture(config.model, config.depth, width=config.width,
+                                  shortcut=config.shortcut,
+                                  **{k: config[k] for k in family.options} if family else {})
+        parallel.check_parallelism(config.parallelism)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     need(config.block in BLOCKS, f"unknown block {config.block!r}: use post or pre")
-    need(config.shortcut in models.SHORTCUTS, f"unknown shortcut {config.shortcut!r}: use A, B "
-         "or C")
     need(config.dtype in DTYPES, f"unknown dtype {config.dtype!r}: use float32 or bfloat16")
-    need(config.parallelism in parallel.BACKENDS,
-         f"unknown parallelism {config.parallelism!r}: use jit or pmap")
     for key in ("total_steps", "batch_size", "log_every_steps", "eval_every_steps",
                 "checkpoint_every_steps", "eval_batch_size", "keep_checkpoints"):
         need(config[key] > 0, f"{key}={config[key]} must be positive")
@@ -96,16 +98,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     need(0 < config.not_converged_fraction_of_chance <= 1,
          f"not_converged_fraction_of_chance={config.not_converged_fraction_of_chance} must be "
          "in (0, 1] (0.9: a final training error of 90 % of chance's or more did not train)")
-    cifar = config.model == "cifar"
-    # Checked here: the model's own check multiplies them and would name `width` for either.
-    for key in ("width", "base_width") if cifar else ("width",):
-        need(config[key] >= 1, f"{key}={config[key]} must be a positive integer")
-    try:
-        models.check_architecture(config.model, config.depth,
-                                  config.width * (config.base_width if cifar else 1),
-                                  cifar and config.bottleneck)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
 
 
 # How to get past a damaged file of a run (both are written atomically, so damage comes from
@@ -142,16 +134,13 @@ def create_model(config, *, num_classes: int, in_channels: int,
     bn = bn or models.BatchNormConfig(momentum=config.bn_momentum)
     scan_blocks = config.get("scan_blocks", False)
     convolution = xla_cpu.convolution(platform or jax.default_backend(), scan_blocks)
-    if config.model == "cifar":
-        family = functools.partial(models.cifar_resnet, base_width=config.base_width,
-                                   bottleneck=config.bottleneck)
-    else:
-        family = models.imagenet_resnet
-    return family(config.depth, width=config.width, num_classes=num_classes,
-                  in_channels=in_channels, residual=config.residual, shortcut=config.shortcut,
-                  preact=BLOCKS[config.block], dtype=DTYPES[config.dtype], bn=bn,
-                  scan_blocks=scan_blocks, convolution=convolution,
-                  rngs=rngs or nnx.Rngs(config.seed))
+    family = models.FAMILIES[config.model]
+    return family.build(config.depth, width=config.width,
+                        **{k: config[k] for k in family.options}, num_classes=num_classes,
+                        in_channels=in_channels, residual=config.residual,
+                        shortcut=config.shortcut, preact=BLOCKS[config.block],
+                        dtype=DTYPES[config.dtype], bn=bn, scan_blocks=scan_blocks,
+                        convolution=convolution, rngs=rngs or nnx.Rngs(config.seed))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -475,12 +464,7 @@ def _check_finite(fetched_metrics: list[dict], step: int) -> None:
 def _write_json(path: pathlib.Path, obj) -> None:
     if jax.process_index() != 0:
         return
-    tmp = path.with_suffix(".tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:  # a full disk leaves neither a half-written file nor its temporary
-        tmp.unlink(missing_ok=True)
+    write_atomically(path, json.dumps(obj, indent=2) + "\n")  # a full disk: no half a file
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,

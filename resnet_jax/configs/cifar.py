@@ -18,7 +18,7 @@ ResNet-20/32/44/56 8.75/7.51/7.17/6.97 % (one run each), ResNet-110 6.43 % (best
 
 import ml_collections
 
-from resnet_jax.configs import parse_arg
+from resnet_jax.configs import parse_arg, warmup
 
 
 def get_config(arg=None):
@@ -73,11 +73,9 @@ def get_config(arg=None):
     # error is below 80 % (about 400 iterations)", then at 0.1. With warmup_until_error > 0 the
     # warm-up ends after the first step at which the mean error of the last
     # warmup_error_window_steps batches is below it, at warmup_steps at the latest (a cap, here
-    # 5x the paper's 400); with warmup_until_error = 0 it lasts exactly warmup_steps.
-    deep = c.depth >= 110
-    c.warmup_until_error = 80.0 if deep else 0.0
-    c.warmup_steps = 2_000 if deep else 0
-    c.warmup_error_window_steps = 20
+    # 5x the paper's 400); with warmup_until_error = 0 it lasts exactly warmup_steps. Which
+    # depths warm up, and for how long: `configs.warmup`.
+    c.update(warmup(c.depth))
     c.warmup_learning_rate = 0.01
     c.momentum = 0.9
     c.weight_decay = 1e-4
