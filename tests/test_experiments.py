@@ -95,6 +95,28 @@ def test_paper_preset_trains_from_tfds(tmp_path):
     assert summary["step"] == 2
 
 
+def test_cifar16_cpu_preset_trains_at_16x16_without_diagnostics(tmp_path):
+    """The CPU-scale Fig. 6 preset: its schedule, and its first run, shrunk, trains on 16x16
+    pixel-block means of CIFAR-10 (here a prepared TFDS copy of 32x32 images)."""
+    preset = degradation.PRESETS["cifar16-cpu"]
+    runs = {r.arg.split(",width")[0]: r.build() for r in preset.runs() if r.arg.endswith("seed=1")}
+    assert len(preset.runs()) == 20  # 5 depths x plain/residual x 2 seeds
+    assert {(c.image_size, c.base_width, c.total_steps, c.log_diagnostics) for c in runs.values()
+            } == {(16, 8, 6_000, False)}
+    assert tuple(runs["depth=56,residual=true"].lr_boundaries_steps) == (3_000, 4_500)
+    assert runs["depth=110,residual=true"].warmup_steps == 187  # 2,000 of 64k, scaled
+    write_prepared_tfds(tmp_path / "tfds", "cifar10", n_train=64, n_test=16)
+    run = preset.runs()[0]
+    run = Run(run.arg, {**run.overrides, "total_steps": 2, "batch_size": 16,
+                        "log_every_steps": 1, "eval_every_steps": 2, "checkpoint_every_steps": 2,
+                        "tfds_data_dir": str(tmp_path / "tfds")})
+    run_sweep([run], tmp_path / "root")
+    workdir = tmp_path / "root" / run.name
+    assert json.loads((workdir / "dataset.json").read_text())["image_shape"] == [16, 16, 3]
+    record = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[0])
+    assert not any(key.startswith(("response_std", "branch_ratio")) for key in record)
+
+
 def test_sweep_runs_several_processes_at_once(tmp_path):
     runs = [Run(f"depth=8,residual={r},dataset=digits",
                 {"total_steps": 2, "batch_size": 16, "log_every_steps": 1,
