@@ -10,10 +10,11 @@ Only the main process writes; others keep the same calls as no-ops.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 
 import jax
+
+from resnet_jax.files import write_atomically
 
 
 # Wall-clock measurements: `time` (Unix seconds), the train step's throughput, and the seconds
@@ -54,9 +55,7 @@ class MetricsWriter:
             return
         kept = [r for r in self.records() if r["step"] <= step]
         if self.path.exists():
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, self.path)
+            write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         for path in self.tensorboard.glob("events.out.tfevents.*"):
             path.unlink()  # first: killed before the rebuild, the next resume rebuilds again
         for record in kept:

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from resnet_jax.scan import BlockRun, group_runs  # noqa: F401 (BlockRun: read as models.BlockRun)
+from resnet_jax.scan import group_runs
 
 # He et al. 2015 initialise conv weights as N(0, 2/n), n = k*k*out_channels (Sec. 3.4, [13]).
 # Jitted once per kernel shape: eager construction then costs one cached call per layer, where a

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from resnet_jax import models
+from resnet_jax.scan import BlockRun
 
 
 def count_macs(fn, *args) -> int:
@@ -59,9 +60,9 @@ def layers(model: nnx.Module) -> list[dict]:
     """One row per conv, BN and dense layer in order: path, kind, parameter shape, parameters.
     A BlockRun's layers get one row per block: `blocks/1[k]/convs/0` for its block k."""
     rows, nodes = [], list(nnx.iter_graph(model))
-    runs = [path for path, node in nodes if isinstance(node, models.BlockRun)]
+    runs = [path for path, node in nodes if isinstance(node, BlockRun)]
     for path, node in nodes:
-        if isinstance(node, models.BlockRun):
+        if isinstance(node, BlockRun):
             block = layers(node.block)
             rows += [{**r, "path": f"{'/'.join(map(str, path))}[{k}]/{r['path']}",
                       "shape": r["shape"][1:], "params": r["params"] // node.length}
