@@ -35,7 +35,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 RESUMABLE_KEYS = {"total_steps", "log_every_steps", "log_diagnostics", "eval_every_steps",
                   "eval_subset", "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size",
                   "parallelism", "num_devices", "tfds_data_dir", "not_converged_fraction_of_chance",
-                  "input_threads", "input_workers"}
+                  "input_threads", "input_workers", "profile_steps"}
 
 
 class ConfigError(ValueError):
@@ -95,6 +95,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
          f"warmup_steps={config.warmup_steps} must be >= 0, warmup_error_window_steps="
          f"{config.warmup_error_window_steps} >= 1 and warmup_until_error="
          f"{config.warmup_until_error} a percentage (0 = exactly warmup_steps)")
+    profile = tuple(config.get("profile_steps", ()))
+    need(profile == () or (len(profile) == 2 and all(isinstance(s, int) for s in profile)
+                           and 0 <= profile[0] < profile[1]),
+         f"profile_steps={profile} must be () (off) or (first, end), 0 <= first < end: traces "
+         "train steps first..end-1, e.g. --config.profile_steps='(100,110)'")
+    need(not profile or profile[0] < config.total_steps,
+         f"profile_steps={profile} starts at or past total_steps={config.total_steps}: pick "
+         "steps the run trains")
     need(0 < config.not_converged_fraction_of_chance <= 1,
          f"not_converged_fraction_of_chance={config.not_converged_fraction_of_chance} must be "
          "in (0, 1] (0.9: a final training error of 90 % of chance's or more did not train)")
@@ -574,6 +582,7 @@ class _Training:
         self.state = backend.put_state(state)
         self.records = [{} for _ in workdirs]  # each run's last record written here
         self.clock = _Clock(self.start, config)
+        self.profile = _Profile(config, workdirs[0], self.start)
         self._evaluate_lost_final_records()
 
     def loop(self) -> None:
@@ -581,7 +590,9 @@ class _Training:
         config, pending, watch = self.config, [], PreemptionWatch()
         try:
             for step in range(self.start, config.total_steps):
-                self.state, metrics = self.train_step(self.state, self.feed.train_batch(step))
+                with self.profile.step(step):
+                    self.state, metrics = self.train_step(self.state, self.feed.train_batch(step))
+                self.profile.stepped(step, (self.state, metrics))
                 pending.append(metrics)
                 if len(pending) > 2:
                     # Let the host run at most two steps ahead: a deeper queue gains nothing, and
@@ -606,6 +617,7 @@ class _Training:
                 if preempted:
                     raise Preempted(done, self.workdirs[0], watch.signum)
         finally:
+            self.profile.close()  # a run stopped inside the window still leaves its trace
             self.feed.close()
             watch.close()
             for closable in (*self.checkpointers, *self.writers):
@@ -713,6 +725,47 @@ class _Clock:
                if k in self.timings}
         self.timings = {}
         return out
+
+
+class _Profile:
+    """`profile_steps=(first, end)`: a jax.profiler trace of train steps first..end-1 written
+    to WORKDIR/profile (TensorBoard's profile plugin reads its .xplane.pb, ui.perfetto.dev its
+    perfetto_trace.json.gz). Each step is a `train_step` step annotation with its number, so the
+    viewers mark and time the steps. Only the steps this run trains are traced: a resume past
+    the window traces nothing, one inside it the rest, and a run ending inside it stops there.
+
+    Process 0 traces (the profiler is per process and needs no other to take part; every
+    process writing the same folder would collide); several seeds in one program trace once,
+    into the first run's workdir."""
+
+    def __init__(self, config, workdir: pathlib.Path, start: int):
+        first, end = config.get("profile_steps", ()) or (0, 0)
+        self.window = (range(max(first, start), min(end, config.total_steps))
+                       if jax.process_index() == 0 else range(0))
+        self.dir, self.tracing, self.last = workdir / "profile", False, None
+
+    def step(self, step: int):
+        """Around one train step: starts the trace at the window's first step, names the step."""
+        if step not in self.window:  # off (an empty window) or outside it: this test only
+            return contextlib.nullcontext()
+        if step == self.window.start:
+            jax.profiler.start_trace(self.dir, create_perfetto_trace=True)
+            self.tracing = True
+        self.last = step
+        return jax.profiler.StepTraceAnnotation("train_step", step_num=step)
+
+    def stepped(self, step: int, outputs) -> None:
+        """After `step`'s dispatch: at the window's last step, waits for `outputs` so that the
+        device work is in the trace, then writes it."""
+        if self.tracing and step + 1 == self.window.stop:
+            jax.block_until_ready(outputs)
+            self.close()
+
+    def close(self) -> None:
+        if self.tracing:
+            self.tracing = False
+            jax.profiler.stop_trace()
+            print(f"profile of steps {self.window.start}-{self.last} -> {self.dir}", flush=True)
 
 
 def _lock_workdirs(held: contextlib.ExitStack, configs, workdirs, facts: dict) -> None:

@@ -95,6 +95,9 @@ def get_config(arg=None):
     c.eval_subset = 0  # 0 = every evaluation uses the whole split
     c.checkpoint_every_steps = 2_000
     c.keep_checkpoints = 2
+    # (first, end): a jax.profiler trace of train steps first..end-1 in WORKDIR/profile, e.g.
+    # (100, 110), past the first step (it compiles); () = off. How to open it: docs/training.md.
+    c.profile_steps = ()
     # "Not converged" means what the paper's failed runs are: the net did not train. A run is
     # reported so (summary.json `converged: false`, listed apart from the means) when its final
     # training error (the mean over the last logging window) is at least this fraction of
