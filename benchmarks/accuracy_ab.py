@@ -30,6 +30,7 @@ import time
 
 import numpy as np
 
+from benchmarks import import_torch
 from resnet_jax.cli import ArgumentParser
 
 
@@ -164,11 +165,8 @@ def main(argv=None) -> int:
     parser.add_argument("--log_every", type=int, default=50, help="iterations between records")
     parser.add_argument("--seeds", type=int, default=3, help="runs per framework")
     args = parser.parse_args(argv)
-    try:
-        import torch
-    except ImportError:
-        print("accuracy_ab: error: PyTorch is not installed: pip install -e '.[torch]'",
-              file=sys.stderr)
+    torch = import_torch("accuracy_ab")
+    if torch is None:
         return 2
     import jax
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 
+from benchmarks import import_torch
 from resnet_jax.cli import ArgumentParser
 
 
@@ -27,16 +28,12 @@ def main(argv=None) -> int:
                         help="PyTorch modes: eager, compile")
     parser.add_argument("--json", help="also write every row to this file")
     args = parser.parse_args(argv)
-    try:
-        import torch
-
-        from benchmarks import torch_reference
-    except ImportError:
-        print("compare: error: PyTorch is not installed: pip install -e '.[torch]'",
-              file=sys.stderr)
+    torch = import_torch("compare")
+    if torch is None:
         return 2
     import jax
 
+    from benchmarks import torch_reference
     from resnet_jax import bench
     from resnet_jax.configs import cifar
 
