@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from resnet_jax import models
+from resnet_jax.configs import net_name
 from resnet_jax.scan import BlockRun
 
 
@@ -145,7 +146,7 @@ def standard_nets(cifar_depths=(20, 32, 44, 56, 110, 1202),
         model = nnx.eval_shape(lambda: build(depth, residual=residual, scan_blocks=True,
                                              rngs=ShapeOnlyRngs()))
         d = describe(model, (32, 32, 3) if family == "cifar" else (224, 224, 3))
-        yield {"name": f"{'ResNet' if residual else 'plain'}-{depth}", "family": family,
+        yield {"name": net_name(depth, residual), "family": family,
                **{k: d[k] for k in ("weighted_layers", "params", "macs")}}
 
 
