@@ -1,6 +1,6 @@
-"""What the studies share: reading finished runs and summarising their seeds.
+"""What the studies share: reading a sweep's runs and summarising their seeds.
 
-Standard library only at import (a launcher lists a study's runs with any Python); `collect`
+Standard library only at import (a launcher lists a study's runs with any Python); `read_runs`
 imports resnet_jax when it reads runs.
 """
 
@@ -10,43 +10,68 @@ import pathlib
 import statistics
 
 
-def collect(root: pathlib.Path) -> list[dict]:
-    """Every finished run under root: its arguments, curves and summary. A damaged config.json
-    or summary.json is a ConfigError naming it."""
+def read_runs(root: pathlib.Path) -> list[dict]:
+    """Every run directory under `root` (one holding config.json, summary.json or failure.json),
+    by name, each with its `state`: "finished" (summary.json), "failed" (failure.json and no
+    summary.json: its last attempt failed, `reason` says why) or "unfinished" (neither: training,
+    stopped, or killed). Each has its `config` (None where a failed run wrote none), `summary`
+    (finished runs; else None), `curve` (the metrics.jsonl records; [] if none) and, for the
+    studies of plain and residual nets, `depth`, `residual` and `seed` from its config. A damaged
+    config.json or summary.json is a ConfigError naming it."""
+    from experiments.runner import failures
     from resnet_jax.metrics import read_records
     from resnet_jax.train import read_run_json
 
+    failed = failures(root)
+    names = sorted({p.parent.name for pattern in ("config.json", "summary.json", "failure.json")
+                    for p in root.glob(f"*/{pattern}")})
     out = []
-    for summary_path in sorted(root.glob("*/summary.json")):
-        run_dir = summary_path.parent
-        config = read_run_json(run_dir / "config.json")
-        records = read_records(run_dir / "metrics.jsonl")  # as the trainer reads it: cut lines out
-        out.append({"name": run_dir.name, "depth": config["depth"],
-                    "residual": config["residual"], "seed": config["seed"], "config": config,
-                    "summary": read_run_json(summary_path), "curve": records})
+    for name in names:
+        run_dir = root / name
+        config = (read_run_json(run_dir / "config.json")
+                  if name not in failed or (run_dir / "config.json").exists() else None)
+        finished = (run_dir / "summary.json").exists()
+        metrics = run_dir / "metrics.jsonl"
+        out.append({
+            "name": name, "state": "finished" if finished else
+            "failed" if name in failed else "unfinished", "reason": failed.get(name),
+            "config": config, "summary": read_run_json(run_dir / "summary.json") if finished
+            else None,
+            # As the trainer reads it: a line cut short by a killed process is left out.
+            "curve": read_records(metrics) if metrics.exists() else [],
+            **{key: (config or {}).get(key) for key in ("depth", "residual", "seed")}})
     return out
 
 
-def seed_statistics(group: list[dict]) -> dict:
-    """Over the seeds of one net that converged: mean, std (None below 2 seeds), median and the
-    best (lowest) test error. The seeds that did not converge are counted and named, not
-    averaged in (as the paper reports failed runs apart)."""
-    converged = [r for r in group if r["summary"].get("converged", True)]
-    row = {"seeds": len(group), "converged_seeds": len(converged),
-           "not_converged_seeds": [r["seed"] for r in group
-                                   if not r["summary"].get("converged", True)]}
-    for split in ("train", "test"):
-        values = [r["summary"][f"{split}/error"] for r in converged]
-        row[f"{split}_mean"] = statistics.fmean(values) if values else None
-        row[f"{split}_std"] = statistics.stdev(values) if len(values) > 1 else None
-        row[f"{split}_median"] = statistics.median(values) if values else None
-    row["test_best"] = min(values) if values else None
+def collect(root: pathlib.Path) -> list[dict]:
+    """Every finished run under root: its config, curves and summary (`read_runs`)."""
+    return [r for r in read_runs(root) if r["state"] == "finished"]
+
+
+def converged(run: dict) -> bool:
+    """Whether a finished run trained (summary.json `converged`; older summaries: yes)."""
+    return run["summary"].get("converged", True)
+
+
+def group_statistics(group: list[dict], metric: str = "test/error") -> dict:
+    """Over the finished runs of one group that converged: mean, std (None below 2 runs), median
+    and best (lowest) of the final `metric`, and of the training error. The runs that did not
+    converge are counted and their seeds named, not averaged in (as the paper reports failed runs
+    apart)."""
+    ok = [r for r in group if converged(r)]
+    row = {"runs": len(group), "converged_runs": len(ok),
+           "not_converged_seeds": [r["seed"] for r in group if not converged(r)]}
+    for prefix, key in (("", metric), ("train_", "train/error")):
+        values = [r["summary"][key] for r in ok]
+        row |= {f"{prefix}mean": statistics.fmean(values) if values else None,
+                f"{prefix}std": statistics.stdev(values) if len(values) > 1 else None,
+                f"{prefix}median": statistics.median(values) if values else None}
+    row["best"] = min((r["summary"][metric] for r in ok), default=None)
     return row
 
 
-def mean_std(row: dict, split: str) -> str:
-    """'6.70 +- 0.22 (n=4)' over the converged seeds; one seed: its error alone; none: '-'."""
-    n, mean, std = row["converged_seeds"], row[f"{split}_mean"], row[f"{split}_std"]
+def mean_std(n: int, mean: float | None, std: float | None) -> str:
+    """'6.70 +- 0.22 (n=4)' over n converged runs; one run: its value alone; none: '-'."""
     if not n:
         return "-"
     return f"{mean:.2f}" if n == 1 else f"{mean:.2f} +- {std:.2f} (n={n})"

@@ -3,7 +3,7 @@
     python -m experiments.layer_responses --root=runs/degradation-digits
 
 Reads the trained plain and residual nets of depth 20, 56 and 110 from a degradation sweep's ROOT
-(seed 0; run `python -m experiments.degradation` first), measures the std of each 3x3 layer's
+(seed 0; run experiments/sweeps/degradation.py first), measures the std of each 3x3 layer's
 response (after BN, before the nonlinearity or the addition) on test images, and writes
 layer_responses.png/.pdf (top: in layer order; bottom: sorted by magnitude) and
 layer_responses.json into ROOT. The paper's finding: residual functions are generally closer to
@@ -112,7 +112,8 @@ def main(argv=None) -> int:
         return 2
     if not found:
         print(f"layer_responses: error: no finished depth-{args.depths} runs under {root}: run "
-              "python -m experiments.degradation first", file=sys.stderr)
+              "python -m experiments.sweep --sweep=experiments/sweeps/degradation.py first",
+              file=sys.stderr)
         return 2
     bn_label = batch_norm_label(args.precise_bn_images)
     plot(found, root, f"Std of 3x3 layer responses ({root.name})", bn_label)

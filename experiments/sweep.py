@@ -1,75 +1,80 @@
-"""One generic runner for any sweep: a list of runs, each a config argument string plus overrides.
+"""Run any sweep, declared in a sweep file or on the command line, on the hardware at hand.
 
-An experiment declares its sweep as data (see `experiments/degradation.py`):
+    python -m experiments.sweep --sweep=experiments/sweeps/degradation.py:preset=digits --root=runs/deg
+    python -m experiments.sweep --grid=depth=20,56 --grid=learning_rate=0.02,0.05 --seeds=3 \\
+        --config=resnet_jax/configs/cifar.py:dataset=digits --config.total_steps=400 --root=runs/lr
+    python -m experiments.sweep --sweep=... --root=DIR --devices-per-run=1   # one run per GPU
+    python -m experiments.sweep --sweep=... --root=DIR --dry-run              # the plan only
 
-    Run(config="resnet_jax/configs/cifar.py", arg="depth=56,residual=false,seed=1",
-        overrides={"total_steps": 4000, "lr_boundaries_steps": (2000, 3000)})
+A sweep file (experiments/sweeps/*.py) has `get_sweep(arg)`, `arg` being the text after the
+colon, returning a list of `Run(arg, overrides, config=...)`: a config file's argument string and
+config overrides, or a `Sweep(runs, report={...})` that also sets the report's defaults. A grid
+(`--grid=KEY=V1,V2,...`, repeated; `--seeds=N`) is every combination, on the config of
+`--config=FILE[:ARGS]`; keys the config file takes as arguments (depth, residual, seed, ...) go
+after its colon, the others are overrides. `--config.KEY=VALUE` overrides every run of any sweep.
 
-and `run_sweep(runs, root)` trains every run that has no `summary.json` yet in `ROOT/<name>`
-(`<name>` is the argument string, so the directory says what ran), resuming interrupted runs from
-their checkpoints, one after another in this process or `processes` at once in subprocesses.
-It prints progress over the whole sweep: runs done, failed, running, left, and the time left.
-A run that fails (a NaN, a bad config or dataset, a crash) is recorded in its directory's
-`failure.json` and the others train; the sweep then names each failed run with its reason and
-exits 2. SIGTERM or SIGINT to the sweep stops its runs at a checkpoint (tests/test_experiments.py).
+Each run trains in ROOT/<name>, its name being its argument string (plus the overrides that tell
+it apart from a run of the same argument), so the directory says what ran. Rerunning a sweep
+trains only what is missing (finished runs are skipped, interrupted ones resume); a failed run is
+named with its reason and the others go on, with exit status 2 at the end. Once every run has
+trained or failed, `experiments.report` writes the sweep's table and figures into ROOT (its
+defaults: ROOT/sweep.json, written here). Where runs train:
+  (default)            one after another in this process, over every local device;
+  --processes=N        N at a time, each a process over every local device;
+  --devices-per-run=K  one run per K local accelerators at a time, each pinned to its own
+                       (CUDA_VISIBLE_DEVICES, TPU_VISIBLE_CHIPS, or simulated CPU devices: see
+                       experiments/placement.py); --devices=0,1,... to choose them;
+  --index=I, --shard=I/N   run I of --list only, or every N-th run from I (job arrays, hosts):
+                       launch/slurm.sh and launch/tpu.sh build on these.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import itertools
 import json
 import os
 import pathlib
-import signal
-import subprocess
 import sys
-import time
-import traceback
 
-from resnet_jax.files import write_atomically
+from experiments import placement
+from experiments.runner import FAILURE, Stopped, failures, is_finished, latest_checkpoint
+from resnet_jax.cli import ArgumentParser
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-FAILURE = "failure.json"  # in a run's directory: why its last attempt failed
-# A run's exit status when a signal stopped it: at a checkpoint (128 + the signal), or before its
-# training loop began (minus the signal).
-STOP_SIGNALS = {130: signal.SIGINT, 143: signal.SIGTERM,
-                -signal.SIGINT: signal.SIGINT, -signal.SIGTERM: signal.SIGTERM}
+DEFAULT_CONFIG = "resnet_jax/configs/cifar.py"
+SWEEP_JSON = "sweep.json"  # in ROOT: what the sweep declared, and its report's defaults
 
 
-class Stopped(Exception):
-    """The sweep ended before training every run: it or a run was preempted (SIGTERM) or
-    interrupted (SIGINT), the runs under way stopping at a checkpoint (`exit_status` 143 or 130);
-    or runs failed while the others trained (2). `failed` maps each failed run's name to its
-    reason. Rerunning the sweep trains only what is missing."""
-
-    def __init__(self, message: str, exit_status: int, root: pathlib.Path | None = None,
-                 failed: dict | None = None):
-        self.exit_status, self.failed = exit_status, dict(failed or {})
-        if self.failed and exit_status != 2:
-            message += "; these runs had failed before:"
-        super().__init__("\n".join([message] + [f"  {root / name}: {reason}"
-                                                 for name, reason in self.failed.items()]))
+class SweepError(ValueError):
+    """A sweep that cannot run as declared. str(e) is one line naming the problem and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    arg: str  # e.g. "depth=56,residual=false,seed=1": also the run's directory name
+    arg: str  # e.g. "depth=56,residual=false,seed=1": the config file's argument string
     overrides: dict = dataclasses.field(default_factory=dict)
-    config: str = "resnet_jax/configs/cifar.py"
+    config: str = DEFAULT_CONFIG
+    dirname: str = ""  # set by `named` where the argument alone does not tell runs apart
 
     @property
     def name(self) -> str:
-        return self.arg.replace("/", "_").replace(":", "_")
+        return self.dirname or self.arg.replace("/", "_").replace(":", "_")
 
     def build(self):
-        """The run's ConfigDict: the config file's get_config(arg) plus the overrides."""
-        spec = importlib.util.spec_from_file_location("sweep_config", REPO / self.config)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        config = module.get_config(self.arg)
+        """The run's ConfigDict: the config file's get_config(arg) plus the overrides. An
+        unknown key or a value of the wrong type is a SweepError."""
+        config = _config_module(self.config).get_config(self.arg)
         for key, value in self.overrides.items():
-            config[key] = value
+            if key not in config:
+                raise SweepError(f"run {self.name}: unknown config key {key!r}: "
+                                 f"use one of {', '.join(sorted(config))}")
+            try:
+                config[key] = tuple(value) if isinstance(value, list) else value
+            except (TypeError, ValueError) as e:
+                raise SweepError(f"run {self.name}: {key}={value!r} does not fit the config's "
+                                 f"{type(config[key]).__name__} ({e})") from None
         return config
 
     def command(self, workdir: pathlib.Path) -> list[str]:
@@ -82,271 +87,447 @@ class Run:
         return cmd
 
 
-def is_finished(workdir: pathlib.Path, total_steps: int) -> bool:
-    from resnet_jax.train import read_run_json  # a damaged summary: a ConfigError naming it
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    runs: list
+    # experiments.report's defaults: by, x, panels, metric, title, reference (its docstring)
+    report: dict = dataclasses.field(default_factory=dict)
 
-    path = workdir / "summary.json"
-    return path.exists() and read_run_json(path)["step"] >= total_steps
+
+# --- Declaring --------------------------------------------------------------------------------
 
 
-def failures(root: pathlib.Path) -> dict[str, str]:
-    """The runs under `root` whose last attempt failed, each with its reason: for reports, which
-    leave them out (they have no summary.json)."""
-    out = {}
-    for path in sorted(root.glob(f"*/{FAILURE}")):
-        if not (path.parent / "summary.json").exists():
-            try:
-                out[path.parent.name] = json.loads(path.read_text())["reason"]
-            except (OSError, ValueError, KeyError):
-                out[path.parent.name] = f"failed ({path} is unreadable)"
+def _path(spec: str, what: str) -> pathlib.Path:
+    """A config or sweep file as given (from here), else from the checkout."""
+    for path in (pathlib.Path(spec), REPO / spec):
+        if path.is_file():
+            return path.resolve()
+    raise SweepError(f"{what} {spec} does not exist: give a path from here or from {REPO}")
+
+
+def _import(path: pathlib.Path, name: str):
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))  # sweep files import experiments.sweeps.presets
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _config_module(config: str):
+    return _import(_path(config, "config file"), "sweep_config")
+
+
+def load_sweep(spec: str) -> Sweep:
+    """FILE[:ARG] -> the file's get_sweep(ARG), as a Sweep."""
+    path, _, arg = spec.partition(":")
+    module = _import(_path(path, "sweep file"), "sweep_file")
+    if not callable(getattr(module, "get_sweep", None)):
+        raise SweepError(f"sweep file {path} has no get_sweep(arg): define one that returns the "
+                         "runs (see experiments/sweeps/)")
+    try:
+        sweep = module.get_sweep(arg or None)
+    except ValueError as e:
+        raise SweepError(f"{spec}: {e}") from None
+    sweep = sweep if isinstance(sweep, Sweep) else Sweep(list(sweep))
+    bad = [r for r in sweep.runs if not isinstance(r, Run)]
+    if bad:
+        raise SweepError(f"{path}: get_sweep returned {bad[0]!r}, not a Run: return "
+                         "Run(arg, overrides) for each run")
+    return sweep
+
+
+def split_values(raw: str) -> list[str]:
+    """'20,56' -> ['20', '56']; commas inside parentheses stay: '(1,2),(3,4)'."""
+    out, depth, current = [], 0, ""
+    for char in raw:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            out.append(current)
+            current = ""
+        else:
+            current += char
+    return out + [current]
+
+
+def parse_value(key: str, raw: str, default):
+    """A command-line value as the type of the config's `default`; a SweepError otherwise."""
+    raw = raw.strip()
+    kind = type(default)
+    try:
+        if kind is bool:
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return raw.lower() in ("true", "1")
+        if kind in (tuple, list):
+            element = type(default[0]) if default else int
+            items = [v for v in raw.strip("()[]").split(",") if v.strip()]
+            return tuple(parse_value(key, v, element()) for v in items)
+        return kind(raw) if kind in (int, float) else raw
+    except (ValueError, SweepError):
+        raise SweepError(f"{key}={raw} is not {'true or false' if kind is bool else 'a ' + kind.__name__}"
+                         f" (the config's {key} is {default!r})") from None
+
+
+def grid_sweep(config: str, grid: list[str], seeds: int | None) -> Sweep:
+    """Every combination of the `--grid=KEY=V1,V2` values (and seeds 0..seeds-1) on `config`."""
+    path, _, base_arg = config.partition(":")
+    module = _config_module(path)
+    arg_keys = getattr(module, "ARGS", {})
+    base = module.get_config(base_arg or None)
+    axes: dict[str, list[str]] = {}
+    for item in grid:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SweepError(f"--grid={item} is not KEY=V1,V2,...: e.g. --grid=depth=20,56")
+        if key not in arg_keys and key not in base:
+            raise SweepError(f"--grid={item}: unknown key {key!r}: use a config key, e.g. "
+                             f"{', '.join(sorted(set(arg_keys) | set(base))[:12])}, ...")
+        if key in axes:
+            raise SweepError(f"--grid={key}=... is given twice: give each key once, "
+                             "with all its values")
+        values = [v.strip() for v in split_values(raw) if v.strip()]
+        if not values:
+            raise SweepError(f"--grid={item} has no values: e.g. --grid={key}=V1,V2")
+        axes[key] = values
+    if seeds is not None:
+        if "seed" in axes:
+            raise SweepError("--seeds and --grid=seed=... both set the seeds: use one")
+        axes["seed"] = [str(s) for s in range(seeds)]
+    if not axes:
+        raise SweepError("the sweep has no runs: give --grid=KEY=V1,V2,... (and --seeds=N) or "
+                         "--sweep=FILE")
+    base_items = [i for i in filter(None, (base_arg or "").split(","))
+                  if i.partition("=")[0].strip() not in axes]
+    runs = []
+    for values in itertools.product(*axes.values()):
+        chosen = dict(zip(axes, values))
+        arg = ",".join(base_items + [f"{k}={v}" for k, v in chosen.items() if k in arg_keys])
+        overrides = {k: parse_value(k, v, base[k]) for k, v in chosen.items()
+                     if k not in arg_keys}
+        runs.append(Run(arg, overrides, config=path))
+    by = [k for k in axes if k != "seed" and len(axes[k]) > 1]
+    return Sweep(runs, report={"by": by} if by else {})
+
+
+def named(runs: list[Run]) -> list[Run]:
+    """Runs of the same argument string get the overrides that tell them apart in their name
+    (e.g. 'depth=20,seed=0,learning_rate=0.05'). Two runs left with one name are a SweepError."""
+    by_arg: dict[str, list[int]] = {}
+    for i, run in enumerate(runs):
+        by_arg.setdefault(run.name, []).append(i)
+    out = list(runs)
+    for indices in by_arg.values():
+        keys = [k for k in dict.fromkeys(k for i in indices for k in runs[i].overrides)
+                if len({repr(runs[i].overrides.get(k)) for i in indices}) > 1]
+        for i in indices if keys else ():
+            suffix = "".join(f",{k}={_text(runs[i].overrides.get(k))}" for k in keys)
+            out[i] = dataclasses.replace(runs[i], dirname=(runs[i].name + suffix)
+                                         .replace("/", "_").replace(":", "_"))
+    seen: dict[str, int] = {}
+    for i, run in enumerate(out):
+        if run.name in seen:
+            raise SweepError(f"runs {seen[run.name]} and {i} of the sweep both train in "
+                             f"ROOT/{run.name}: make their arguments or overrides differ")
+        seen[run.name] = i
     return out
 
 
-def _record_failure(workdir: pathlib.Path, reason: str) -> None:
-    """Writes `FAILURE` whole or not at all; failing to (a full disk) only loses the record, since
-    the sweep names the run at its end anyway."""
+def _text(value) -> str:
+    return f"({','.join(map(str, value))})" if isinstance(value, (tuple, list)) else str(value)
+
+
+def declare(args, config_overrides: list[str]) -> Sweep:
+    """The sweep of the command line: a sweep file or a grid, `--config.KEY=V` on every run,
+    each run named."""
+    if args.sweep and (args.grid or args.seeds is not None):
+        raise SweepError("--sweep and --grid/--seeds both declare runs: use a sweep file or a "
+                         "grid (a sweep file takes its own seeds, e.g. :seeds=3)")
+    if args.sweep:
+        sweep = load_sweep(args.sweep)
+    else:
+        sweep = grid_sweep(args.config or DEFAULT_CONFIG, args.grid, args.seeds)
+    if not sweep.runs:
+        raise SweepError(f"the sweep {args.sweep} has no runs: its get_sweep returned none")
+    common = {}
+    for item in config_overrides:
+        key, sep, raw = item[len("--config."):].partition("=")
+        if not sep:
+            raise SweepError(f"{item} is not --config.KEY=VALUE")
+        common[key] = raw
+    runs = []
+    for run in sweep.runs:
+        defaults = _config_module(run.config).get_config(run.arg) if common else {}
+        for key in common:
+            if key not in defaults:
+                raise SweepError(f"--config.{key}: unknown config key {key!r}: use one of "
+                                 f"{', '.join(sorted(defaults))}")
+        runs.append(dataclasses.replace(run, overrides={
+            **run.overrides, **{k: parse_value(k, v, defaults[k]) for k, v in common.items()}}))
+    return Sweep(named(runs), sweep.report)
+
+
+def description(args, config_overrides: list[str]) -> str:
+    if args.sweep:
+        words = [f"--sweep={args.sweep}"]
+    else:
+        words = [f"--config={args.config or DEFAULT_CONFIG}"] + [f"--grid={g}" for g in args.grid]
+        words += [f"--seeds={args.seeds}"] if args.seeds is not None else []
+    return " ".join(words + config_overrides)
+
+
+# --- Checking ---------------------------------------------------------------------------------
+
+
+def build_and_check(runs: list[Run]) -> dict:
+    """Every run's ConfigDict by name, each checked as `resnet-jax train` checks it: a bad run
+    stops the sweep before anything trains."""
+    from resnet_jax.train import ConfigError, check_config
+
+    configs = {}
+    for run in runs:
+        try:
+            configs[run.name] = config = run.build()
+        except ValueError as e:  # the config file's own argument check
+            raise SweepError(f"run {run.name}: {e}") from None
+        try:
+            check_config(config)
+        except ConfigError as e:
+            raise SweepError(f"run {run.name}: {e}") from None
+    return configs
+
+
+def check_report(report: dict, configs: dict) -> None:
+    """The report's keys (by, x, panels) must be config keys of the runs, checked before they
+    train rather than after."""
+    keys = set.intersection(*(set(c) for c in configs.values()))
+    named = [*report.get("by", []), *(report[k] for k in ("x", "panels") if report.get(k))]
+    unknown = [k for k in named if k not in keys]
+    if unknown:
+        raise SweepError(f"the sweep's report groups by {unknown[0]!r}, which is not a config key "
+                         f"of its runs: use e.g. {', '.join(sorted(keys)[:8])}, ...")
+
+
+def check_root(root: pathlib.Path, runs: list[Run], configs: dict) -> None:
+    """Refuses a ROOT that holds runs this sweep does not declare (another sweep's), or a run of
+    this sweep's name trained with another config (its non-resumable keys)."""
+    from resnet_jax.train import RESUMABLE_KEYS, read_run_json
+
+    if root.exists() and not root.is_dir():
+        raise SweepError(f"--root={root} is a file: give a directory")
+    names = {run.name for run in runs}
+    present = sorted(p.name for p in root.iterdir() if p.is_dir() and any(
+        (p / f).exists() for f in ("config.json", FAILURE, "checkpoints"))) if root.is_dir() else []
+    foreign = [name for name in present if name not in names]
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise SweepError(f"{root} holds runs that are not in this sweep ({foreign[0]}{more}): "
+                         "another sweep's; give this sweep a --root of its own")
+    for run in runs:
+        saved = root / run.name / "config.json"
+        if saved.exists():
+            old, new = read_run_json(saved), json.loads(configs[run.name].to_json())
+            changed = sorted(k for k in old.keys() | new.keys()
+                             if k not in RESUMABLE_KEYS and old.get(k) != new.get(k))
+            if changed:
+                raise SweepError(f"{saved.parent} was trained with another {', '.join(changed)} "
+                                 "than this sweep declares: give the sweep a new --root, or "
+                                 "remove that run's directory to train it again")
+
+
+def select(runs: list[Run], index: int | None, shard: str | None) -> list[Run]:
+    """Run `index` of the list, or the runs of shard 'I/N' (every N-th from I), or all."""
+    if index is not None:
+        if not 0 <= index < len(runs):
+            raise SweepError(f"--index={index} is out of range: this sweep has runs 0 to "
+                             f"{len(runs) - 1} (see --list)")
+        return [runs[index]]
+    if shard is not None:
+        i, sep, n = shard.partition("/")
+        if not (sep and i.isdigit() and n.isdigit() and int(i) < int(n)):
+            raise SweepError(f"--shard={shard} is not I/N with 0 <= I < N: e.g. --shard=0/4")
+        return runs[int(i)::int(n)]
+    return runs
+
+
+def make_slots(args) -> list[placement.Slot] | None:
+    """Where runs train: None (this process), N shared slots, or pinned ones."""
+    if args.processes < 1:
+        raise SweepError(f"--processes={args.processes}: use 1 or more")
+    if args.devices_per_run is not None and args.processes > 1:
+        raise SweepError("--processes and --devices-per-run both say how many runs train at "
+                         "once: use one (--devices-per-run runs one per device group)")
+    if (args.devices or args.platform) and args.devices_per_run is None:
+        raise SweepError("--devices and --platform place runs: add --devices-per-run=K")
     try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        write_atomically(workdir / FAILURE, json.dumps({"reason": reason}) + "\n")
-    except OSError:
-        pass
+        if args.devices_per_run is not None:
+            platform, found = placement.local_accelerators(args.platform)
+            devices = [d for d in args.devices.split(",") if d] if args.devices else found
+            return placement.slots(platform, devices, args.devices_per_run)
+        if args.processes > 1:
+            platform, _ = placement.local_accelerators()
+            return [placement.Slot(platform, (), placement.shared_env(platform))] * args.processes
+    except ValueError as e:
+        raise SweepError(str(e)) from None
+    return None
 
 
-def run_sweep_command(prog: str, runs: list[Run], root: pathlib.Path, *, processes: int = 1,
-                      seeds_per_program: int = 1, report=None) -> int:
-    """`run_sweep` for an experiment's command line: joins a multi-process job when launched as
-    one, calls `report()` (the experiment's tables and figures) once every run has trained or
-    failed, and ends a bad config, bad data or a stopped sweep in one line, failed runs in one
-    line each after the report; the exit status."""
+def plan(runs: list[Run], configs: dict, root: pathlib.Path, slots, everything: int) -> str:
+    """--dry-run: each run's state and where it would train; nothing is written."""
+    failed = failures(root) if root.is_dir() else {}
+    lines = [f"{len(runs)} of {everything} runs under {root}, "
+             + (f"{len(slots)} at a time: " + "; ".join(
+                 f"{s.describe() if s.devices else 'all local devices'}"
+                 + (f" ({' '.join(f'{k}={v}' for k, v in s.env.items())})" if s.env else "")
+                 for s in slots) if slots else "one after another in this process")]
+    for run in runs:
+        workdir = root / run.name
+        if is_finished(workdir, configs[run.name].total_steps):
+            state = "finished"
+        elif run.name in failed:
+            state = f"failed before ({failed[run.name]}): trains again"
+        elif latest_checkpoint(workdir) is not None:
+            state = f"resumes from step {latest_checkpoint(workdir)}"
+        else:
+            state = "trains"
+        lines.append(f"  {run.name}: {state}")
+        if slots and state != "finished":
+            lines.append("    " + " ".join(run.command(workdir)))
+    return "\n".join(lines)
+
+
+def _first_process() -> bool:
+    """Whether this is process 0 of a multi-process sweep (or the only one): it writes
+    sweep.json. Asks JAX only when JAX found the job itself (RESNET_JAX_DISTRIBUTED)."""
+    if os.environ.get("RESNET_JAX_DISTRIBUTED") == "1":
+        import jax
+
+        return jax.process_index() == 0
+    return os.environ.get("JAX_PROCESS_ID", "0") == "0"
+
+
+# --- The command line -------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    from experiments.runner import run_sweep
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_overrides = [a for a in argv if a.startswith("--config.")]
+    argv = [a for a in argv if not a.startswith("--config.")]
+    parser = ArgumentParser("experiments.sweep", __doc__)
+    parser.add_argument("--sweep", metavar="FILE[:ARG]",
+                        help="a sweep file and its get_sweep argument, e.g. "
+                             "experiments/sweeps/degradation.py:preset=digits")
+    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                        help="one axis of a grid sweep; repeat for more")
+    parser.add_argument("--seeds", type=int, metavar="N", help="grid: seeds 0 to N-1")
+    parser.add_argument("--config", metavar="FILE[:ARGS]",
+                        help=f"grid: the config of every run (default: {DEFAULT_CONFIG}); "
+                             "--config.KEY=VALUE overrides any sweep's runs")
+    parser.add_argument("--root", help="directory of the sweep's runs, tables and figures")
+    parser.add_argument("--processes", type=int, default=1, help="runs trained at once, each "
+                        "over every local device")
+    parser.add_argument("--devices-per-run", type=int, metavar="K",
+                        help="one run per K local accelerators at a time, pinned to them")
+    parser.add_argument("--devices", metavar="ID,ID,...", help="with --devices-per-run: these "
+                        "local accelerators (default: every one found)")
+    parser.add_argument("--platform", choices=placement.PLATFORMS, help="with --devices-per-run:"
+                        " place on this platform instead of the one found")
+    parser.add_argument("--seeds-per-program", type=int, default=1,
+                        help="train up to this many seeds of one net in one program, in this "
+                             "process (vmapped on GPU/TPU, a loop on CPU)")
+    parser.add_argument("--list", action="store_true", help="print the runs' names, one a line")
+    parser.add_argument("--index", type=int, help="train run INDEX of --list only")
+    parser.add_argument("--shard", metavar="I/N", help="train every N-th run from run I only")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan, train nothing")
+    parser.add_argument("--no-report", action="store_true", help="train, write no report")
+    args = parser.parse_args(argv)
+    if args.seeds is not None and args.seeds < 1:
+        parser.error(f"--seeds={args.seeds}: use 1 or more")
+    if not (args.list or args.root):
+        parser.error("--root is required: the directory of the sweep's runs")
+    root = pathlib.Path(args.root or ".")
+    try:
+        sweep = declare(args, config_overrides)
+    except SweepError as e:
+        print(f"sweep: error: {e}", file=sys.stderr)
+        return 2
+    if args.list:  # a launcher's count of the runs: no JAX needed for a sweep file's list
+        print("\n".join(run.name for run in sweep.runs))
+        return 0
+    from resnet_jax.train import ConfigError
+
+    try:
+        configs = build_and_check(sweep.runs)
+        check_report(sweep.report, configs)
+        chosen = select(sweep.runs, args.index, args.shard)
+        check_root(root, sweep.runs, configs)
+        slots = make_slots(args)
+        if args.dry_run:
+            print(plan(chosen, configs, root, slots, len(sweep.runs)))
+            return 0
+    except (SweepError, ConfigError) as e:
+        print(f"sweep: error: {e}", file=sys.stderr)
+        return 2
+    partial = args.index is not None or args.shard is not None
+    return run_sweep_command(
+        lambda: run_sweep(chosen, configs, root, slots=slots,
+                          seeds_per_program=args.seeds_per_program),
+        root, {"sweep": description(args, config_overrides), "runs": [r.name for r in sweep.runs],
+               "report": sweep.report}, report=not (partial or args.no_report),
+        total=len(chosen))
+
+
+def run_sweep_command(train, root: pathlib.Path, declared: dict, *, report: bool,
+                      total: int) -> int:
+    """Joins a multi-process job when launched as one, writes ROOT/sweep.json, calls `train()`,
+    then the report once every run has trained or failed; a stopped sweep in one line, failed
+    runs in one line each after the report. The exit status."""
     from resnet_jax import parallel
     from resnet_jax.data import DataError
+    from resnet_jax.files import write_atomically
     from resnet_jax.train import ConfigError
+
+    def write_report() -> int:
+        """The report of the runs that trained; a bad report section of the sweep file or a
+        damaged run file: one line, 2."""
+        from experiments.report import report as write
+
+        try:
+            write(root)
+        except (ConfigError, ValueError) as e:
+            print(f"sweep: error: the report: {e}", file=sys.stderr)
+            return 2
+        return 0
 
     try:
         parallel.initialize_distributed()  # a no-op unless launched as several processes
         parallel.use_compilation_cache()  # its subprocesses' `resnet-jax train` too
-        run_sweep(runs, root, processes=processes, seeds_per_program=seeds_per_program)
+        if _first_process():
+            root.mkdir(parents=True, exist_ok=True)
+            write_atomically(root / SWEEP_JSON, json.dumps(declared, indent=2) + "\n")
+        train()
     except (ConfigError, DataError, ValueError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"sweep: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"sweep: error: {e.strerror or e}: {e.filename or root}", file=sys.stderr)
         return 2
     except Stopped as e:
-        try:
-            if e.exit_status == 2 and report is not None and len(e.failed) < len(runs):
-                report()  # of the runs that trained
-        finally:
-            print(f"{prog}: {e}", file=sys.stderr)
+        if e.exit_status == 2 and report and len(e.failed) < total and _first_process():
+            write_report()  # of the runs that trained
+        print(f"sweep: {e}", file=sys.stderr)
         return e.exit_status
     except KeyboardInterrupt:  # between runs (a run's own loop checkpoints and stops instead)
-        print(f"{prog}: interrupted (SIGINT); rerun the sweep to finish what is missing",
+        print("sweep: interrupted (SIGINT); rerun the sweep to finish what is missing",
               file=sys.stderr)
         return 130
-    if report is not None:
-        report()
-    return 0
+    return write_report() if report and _first_process() else 0
 
 
-class Progress:
-    """Runs done, running and left over the whole sweep, and the time left: extrapolated by
-    cost = iterations x depth, since a 110-layer run is not a 20-layer one."""
+if __name__ == "__main__":  # as experiments.sweep, the module sweep files import Run from
+    from experiments.sweep import main as sweep_main
 
-    def __init__(self, total: int, todo: dict):
-        self.total, self.done, self.failures = total, total - len(todo), 0
-        self.cost = {name: c.total_steps * c.get("depth", 1) for name, c in todo.items()}
-        self.start, self.done_cost, self.running = time.time(), 0, {}
-
-    def finished(self, name: str) -> None:
-        self.done, self.done_cost = self.done + 1, self.done_cost + self.cost[name]
-        self.running.pop(name, None)
-        self.report()
-
-    def failed(self, name: str) -> None:
-        self.failures += 1
-        self.cost.pop(name)  # out of the time left, which the time spent on it still slows
-        self.running.pop(name, None)
-        self.report()
-
-    def report(self) -> None:
-        left = self.total - self.done - self.failures - len(self.running)
-        eta = ""
-        if self.done_cost:
-            remaining = sum(self.cost.values()) - self.done_cost
-            eta = (f", about {(time.time() - self.start) / self.done_cost * remaining / 60:.0f}"
-                   " min left")
-        failed = f"{self.failures} failed, " if self.failures else ""
-        print(f"[sweep] {self.done}/{self.total} done, {failed}{len(self.running)} running, "
-              f"{left} left{eta}", flush=True)
-
-
-def latest_checkpoint(workdir: pathlib.Path) -> int | None:
-    ckpts = workdir / "checkpoints"
-    steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.is_dir() else []
-    return max(steps, default=None)
-
-
-def seed_groups(todo: list[Run], configs: dict, root: pathlib.Path, size: int) -> list[list[Run]]:
-    """`todo` in groups of at most `size` runs that differ only in their seed and resume from
-    the same step: each group trains in one program. Order is kept within and across groups."""
-    groups: dict = {}
-    for run in todo:
-        config = configs[run.name].to_dict()
-        config.pop("seed")
-        key = (json.dumps(config, sort_keys=True, default=str), latest_checkpoint(root / run.name))
-        groups.setdefault(key, []).append(run)
-    return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
-
-
-def run_sweep(runs: list[Run], root: pathlib.Path, *, processes: int = 1,
-              seeds_per_program: int = 1) -> None:
-    """Trains every unfinished run of `runs` under `root`. Raises Stopped if the sweep or a run
-    is preempted (SIGTERM) or interrupted (SIGINT), and at the end if runs failed.
-    `seeds_per_program=K`: runs that differ only in their seed train K at a time in one compiled
-    program (in this process; not with processes > 1), and fail together."""
-    if seeds_per_program < 1 or (seeds_per_program > 1 and processes > 1):
-        raise ValueError(f"seeds_per_program={seeds_per_program} with processes={processes}: "
-                         "use seeds_per_program >= 1, and more than 1 only with one process")
-    root.mkdir(parents=True, exist_ok=True)
-    configs = {r.name: r.build() for r in runs}
-    todo = [r for r in runs if not is_finished(root / r.name, configs[r.name].total_steps)]
-    progress = Progress(len(runs), {r.name: configs[r.name] for r in todo})
-    progress.report()
-    failed: dict[str, str] = {}
-    if processes > 1:
-        _run_in_subprocesses(list(todo), root, processes, progress, failed)
-    else:
-        _run_here(seed_groups(todo, configs, root, seeds_per_program), configs, root, progress,
-                  failed)
-    if failed:
-        raise Stopped(f"{len(failed)} of {len(runs)} runs failed, the others are trained; rerun "
-                      "the sweep to retry the failed ones once their cause is fixed (a fix that "
-                      "changes a run's config needs its directory removed first):", 2, root,
-                      failed)
-
-
-def _run_here(groups: list[list[Run]], configs: dict, root: pathlib.Path, progress: Progress,
-              failed: dict) -> None:
-    """Trains each group of runs in this process; a failure is recorded in `failed`."""
-    import jax
-
-    from resnet_jax import train
-    from resnet_jax.checkpoint import Preempted
-
-    for group in groups:
-        names = [run.name for run in group]
-        for name in names:
-            progress.running[name] = None
-            (root / name / FAILURE).unlink(missing_ok=True)
-        print(f"[sweep] {', '.join(names)}", flush=True)
-        try:
-            train.train_runs([configs[n] for n in names], [str(root / n) for n in names])
-        except Preempted as e:
-            raise Stopped(f"{e} (runs {', '.join(names)}); rerun the sweep to finish them",
-                          128 + e.signum, root, failed) from None
-        except KeyboardInterrupt:  # before their training loop began, which checkpoints instead
-            raise Stopped(f"interrupted (SIGINT) while starting runs {', '.join(names)}; rerun "
-                          "the sweep to finish what is missing", 130, root, failed) from None
-        except Exception as e:  # noqa: BLE001 - one run's failure, whatever it is, ends only it
-            reason = _reason(e)
-            for name in names:
-                print(f"[sweep] {name} failed: {reason}", flush=True)
-                failed[name] = reason
-                if jax.process_index() == 0:
-                    _record_failure(root / name, reason)
-                progress.failed(name)
-            continue
-        for name in names:
-            progress.finished(name)
-
-
-def _reason(e: Exception) -> str:
-    """One line for a run's failure in this process; the traceback too where it is a bug."""
-    from resnet_jax.data import DataError
-    from resnet_jax.train import ConfigError
-
-    if isinstance(e, (ConfigError, DataError, FloatingPointError)):
-        return str(e)
-    if isinstance(e, OSError):
-        return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
-    traceback.print_exc()
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-
-
-def _log_reason(log: pathlib.Path, offset: int, status: int) -> str:
-    """One line for a run's failure in a subprocess: what it said last in its log (after
-    `offset`, where this attempt began), else how it ended."""
-    lines = [line.strip() for line in log.read_bytes()[offset:].decode(errors="replace")
-             .splitlines() if line.strip()]
-    said = [line[len("resnet-jax: "):] for line in lines if line.startswith("resnet-jax: ")]
-    if said:
-        reason = said[-1].removeprefix("error: ")
-    elif status < 0:
-        reason = f"killed by {signal.Signals(-status).name}"
-    else:
-        reason = lines[-1] if lines else "no output"
-    return f"{reason} (exit {status}; log: {log})"
-
-
-def _run_in_subprocesses(queue: list[Run], root: pathlib.Path, processes: int,
-                         progress: Progress, failed: dict) -> None:
-    """Trains `queue`, `processes` runs at a time. SIGTERM or SIGINT to the sweep starts nothing
-    new and goes on to every run, which checkpoints and stops; the sweep waits for each, then
-    raises Stopped, leaving no run behind. A run stopped by a signal of its own starts nothing
-    new either."""
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    running, received, told, stopped = progress.running, [], set(), {}
-
-    def pass_on(signum=None, frame=None):
-        if signum is not None and not received:
-            received.append(signum)
-        for name, (proc, _, _) in list(running.items()) if received else []:
-            if name not in told:
-                proc.send_signal(received[0])
-                told.add(name)
-
-    previous = {s: signal.signal(s, pass_on) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        while queue or running:
-            if received or stopped:
-                queue.clear()
-            while queue and len(running) < processes:
-                run = queue.pop(0)
-                workdir = root / run.name
-                workdir.mkdir(parents=True, exist_ok=True)
-                (workdir / FAILURE).unlink(missing_ok=True)
-                log = open(workdir / "log.txt", "ab")
-                offset = (workdir / "log.txt").stat().st_size
-                running[run.name] = (subprocess.Popen(run.command(workdir), stdout=log,
-                                                      stderr=subprocess.STDOUT, env=env),
-                                     log, offset)
-                progress.report()
-            pass_on()  # also to a run started just as the signal came
-            time.sleep(1)
-            for name, (proc, log, offset) in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                log.close()
-                status = proc.returncode
-                if status == 0:
-                    progress.finished(name)
-                elif status in STOP_SIGNALS:
-                    stopped[name] = status
-                    del running[name]
-                else:
-                    failed[name] = _log_reason(root / name / "log.txt", offset, status)
-                    print(f"[sweep] {name} failed: {failed[name]}", flush=True)
-                    _record_failure(root / name, failed[name])
-                    progress.failed(name)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        for proc, log, _ in running.values():  # only after an error in this loop
-            proc.send_signal(signal.SIGTERM)
-            proc.wait()
-            log.close()
-    if received or stopped:
-        signum = received[0] if received else STOP_SIGNALS[next(iter(stopped.values()))]
-        what = {signal.SIGINT: "interrupted", signal.SIGTERM: "preempted"}
-        said = ", ".join(f"run {name} was {what[STOP_SIGNALS[status]]} (exit {status})"
-                         for name, status in stopped.items())
-        raise Stopped(f"{said or f'{what[signum]} ({signal.Signals(signum).name})'}: see each "
-                      f"run's log.txt under {root}; rerun the sweep to finish what is missing",
-                      128 + signum, root, failed)
+    sys.exit(sweep_main())

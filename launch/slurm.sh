@@ -3,9 +3,11 @@
 #
 #   launch/slurm.sh [--dry-run] run CONFIG[:ARGS] [--config.KEY=VALUE ...]
 #       one run over NODES x GPUS_PER_NODE GPUs, one process per GPU, as one JAX job
-#   launch/slurm.sh [--dry-run] sweep PRESET
-#       experiments.degradation's runs as a job array (one GPU per run), then a job that
-#       draws the figures and tables once every run has finished
+#   launch/slurm.sh [--dry-run] sweep SWEEP_ARGS...
+#       any sweep (experiments.sweep's --sweep=FILE[:ARG], or --grid=KEY=V1,V2 ... --seeds=N,
+#       and --config.KEY=VALUE) as a job array, one GPU per run (SLURM pins each task to its
+#       GPU), then a job that writes the report once every run has finished, e.g.
+#       launch/slurm.sh sweep --sweep=experiments/sweeps/degradation.py:preset=paper
 #
 # Required variables:
 #   WORKDIR        run directory (sweep: the sweep's root) on a file system every node shares
@@ -22,8 +24,8 @@ set -euo pipefail
 # The header above, up to the first line that is not a comment.
 usage() { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 2; }
 
-# --dry-run counts wherever it is, since a dry run must never act (resnet_jax.main and
-# experiments.degradation have no flag of that name).
+# --dry-run counts wherever it is, since a dry run must never act (resnet_jax.main has no flag of
+# that name; experiments.sweep's own --dry-run prints a local plan instead).
 DRY_RUN=0
 args=()
 for arg in "$@"; do
@@ -104,19 +106,24 @@ case "$cmd" in
     } | submit
     ;;
   sweep)
-    [[ $# -ge 1 ]] || { echo "slurm.sh: error: sweep needs a PRESET, e.g. paper" >&2; exit 2; }
-    preset=$1
-    count=$(cd "$REPO" && python -m experiments.degradation --preset="$preset" --root="$WORKDIR" --list | wc -l)
+    [[ $# -ge 1 ]] || { echo "slurm.sh: error: sweep needs a sweep, e.g. --sweep=experiments/sweeps/degradation.py:preset=paper" >&2; exit 2; }
+    for arg in "$@"; do
+      [[ "$arg" == --root=* ]] && { echo "slurm.sh: error: $arg: WORKDIR is the sweep's root; drop --root" >&2; exit 2; }
+    done
+    # The runs, as the sweep lists them (a bad sweep ends here, in its own one line).
+    names=$(cd "$REPO" && python -m experiments.sweep "$@" --list)
+    count=$(wc -l <<< "$names")
+    sweep=$(printf '%q ' "$@")
     array_job=$({
-      header "resnet_jax-$preset" "--array=0-$((count - 1))%$PARALLEL" "--ntasks=1" \
+      header "resnet_jax-sweep" "--array=0-$((count - 1))%$PARALLEL" "--ntasks=1" \
         "--gpus-per-task=1" "$(output_in_workdir 'slurm-%A_%a.out')"
-      echo "python -m experiments.degradation --preset=$(printf '%q' "$preset") --root=$(printf '%q' "$WORKDIR") --index=\$SLURM_ARRAY_TASK_ID"
+      echo "python -m experiments.sweep ${sweep}--root=$(printf '%q' "$WORKDIR") --index=\$SLURM_ARRAY_TASK_ID --no-report"
     } | submit)
     echo "$array_job"
     array_id=$(tail -n 1 <<< "$array_job")
     {
-      header "resnet_jax-$preset-report" "--ntasks=1" "$(output_in_workdir 'slurm-%j.out')"
-      echo "python -m experiments.degradation --preset=$(printf '%q' "$preset") --root=$(printf '%q' "$WORKDIR") --plot-only"
+      header "resnet_jax-sweep-report" "--ntasks=1" "$(output_in_workdir 'slurm-%j.out')"
+      echo "python -m experiments.report --root=$(printf '%q' "$WORKDIR")"
     } | submit "--dependency=afterok:$array_id"
     ;;
   *)

@@ -1,6 +1,6 @@
 """argparse for the `python -m experiments.X` and `benchmarks.X` entry points: the same help and
 the same one-line errors as `resnet-jax` (resnet_jax/main.py). Standard library only, so that a
-launcher can ask a sweep for its runs (`experiments.degradation --list`) with any Python.
+launcher can ask a sweep for its runs (`experiments.sweep --sweep=FILE --list`) with any Python.
 """
 
 from __future__ import annotations

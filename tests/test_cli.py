@@ -303,43 +303,39 @@ def test_load_trained_names_a_cut_config(finished_run, tmp_path):
 
 @pytest.mark.parametrize("name, damage", [("summary.json", cut), ("summary.json", drop_step),
                                           ("config.json", cut)])
-@pytest.mark.parametrize("command", ["sweep", "degradation", "ablations", "layer_responses"])
+@pytest.mark.parametrize("command", ["sweep", "report", "layer_responses"])
 def test_cut_run_json_in_a_sweep_is_one_line_naming_it(finished_run, tmp_path, capsys, command,
                                                        name, damage):
-    from experiments import ablations, degradation, layer_responses
-    from experiments.sweep import Run, run_sweep_command
+    from experiments import layer_responses, report, sweep
 
     if (command, name) == ("layer_responses", "summary.json"):
         pytest.skip("layer_responses reads no summary")
-    run = Run("depth=8,dataset=digits", {"total_steps": 30})  # unfinished: reads config.json
-    workdir = copy_run(finished_run, tmp_path / "root" / run.name)
+    # The finished run as the unfinished run of a sweep (30 steps): the sweep reads both files.
+    workdir = copy_run(finished_run, tmp_path / "root" / "depth=8,dataset=digits,seed=0")
     damage(workdir / name)
     root = f"--root={tmp_path / 'root'}"
     capsys.readouterr()
-    rc = {"sweep": lambda: run_sweep_command("sweep", [run], tmp_path / "root"),
-          "degradation": lambda: degradation.main(["--preset=smoke", root, "--plot-only"]),
-          "ablations": lambda: ablations.main(["--study=preact", "--preset=smoke", root,
-                                               "--plot-only"]),
+    rc = {"sweep": lambda: sweep.main(["--grid=seed=0", f"--config={CONFIG}:depth=8,dataset=digits",
+                                       "--config.batch_size=32", "--config.total_steps=30", root]),
+          "report": lambda: report.main([root]),
           "layer_responses": lambda: layer_responses.main([root, "--depths=8"])}[command]()
     out, err = capsys.readouterr()
     assert rc == 2 and "Traceback" not in err
     lines = err.splitlines()
-    if (command, name) == ("sweep", "config.json"):  # that run fails, named with its reason
-        lines = [line for line in lines if line.startswith(f"  {workdir}:")]
     assert len(lines) == 1 and str(workdir / name) in lines[0], err
 
 
 def test_report_reads_a_cut_metrics_line_as_the_trainer_does(finished_run, tmp_path):
     """A run killed mid-write leaves half a line at the end of metrics.jsonl; its resume drops
     it (metrics.MetricsWriter.records), and a report of the sweep leaves it out the same way."""
-    from experiments import degradation
+    from experiments import common
     from resnet_jax.metrics import MetricsWriter
 
     workdir = copy_run(finished_run, tmp_path / "root" / "run")
     complete = metrics(workdir)
     with (workdir / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"step": 25, "train/loss": 1.0})[:12])
-    [run] = degradation.collect(tmp_path / "root")
+    [run] = common.collect(tmp_path / "root")
     assert run["curve"] == complete
     assert MetricsWriter(workdir, total_steps=20).records() == complete
 
@@ -603,7 +599,8 @@ def test_sweeps_use_the_compile_cache(tmp_path):
 
     from experiments import sweep
 
-    assert sweep.run_sweep_command("sweep", [], tmp_path / "root") == 0
+    assert sweep.run_sweep_command(lambda: None, tmp_path / "root", {}, report=False,
+                                   total=0) == 0
     assert jax.config.jax_compilation_cache_dir == os.environ["RESNET_JAX_COMPILE_CACHE"]
 
 
@@ -745,7 +742,7 @@ def test_output_to_a_reader_that_left_ends_quietly(argv):
     assert (proc.returncode, proc.stderr) == (141, "")
 
 
-ENTRY_POINTS = ["experiments.degradation", "experiments.ablations", "experiments.layer_responses",
+ENTRY_POINTS = ["experiments.sweep", "experiments.report", "experiments.layer_responses",
                 "benchmarks.accuracy_ab", "benchmarks.compare", "benchmarks.summary_time",
                 "benchmarks.xla_options"]
 
@@ -780,7 +777,7 @@ def test_every_entry_point_has_help_as_a_process(module):
 
 
 @pytest.mark.parametrize("module, args", [
-    ("experiments.degradation", []), ("experiments.ablations", ["--study=preact"]),
+    ("experiments.sweep", ["--grid=depth=8"]), ("experiments.report", []),
     ("experiments.layer_responses", []), ("benchmarks.accuracy_ab", ["--dataset=digits"]),
     ("benchmarks.compare", []), ("benchmarks.xla_options", [])])
 def test_every_entry_point_refuses_a_stray_argument_in_one_line(capsys, tmp_path, module, args):

@@ -1,4 +1,5 @@
-"""The degradation experiment end to end on its smoke preset, its sweep, and the paper preset."""
+"""Sweeps end to end: the study sweep files on their smoke preset, grids, placement, failures,
+signals, and the paper preset's sweep."""
 
 import json
 import os
@@ -6,33 +7,49 @@ import pathlib
 
 import pytest
 
-from experiments import degradation, layer_responses
-from experiments.sweep import Run, run_sweep
+from experiments import layer_responses, runner, sweep
+from experiments.sweep import Run
+from experiments.sweeps import degradation, preact, shortcuts
+from experiments.sweeps.presets import PRESETS
 from tests.test_data import write_prepared_tfds
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+DEGRADATION = "--sweep=experiments/sweeps/degradation.py:preset=smoke"
+
+
+def run_sweep(runs, root, **kwargs):
+    """runner.run_sweep on runs declared here (their configs built as the sweep builds them)."""
+    runs = sweep.named(runs)
+    runner.run_sweep(runs, sweep.build_and_check(runs), root, **kwargs)
+
+
+def shared(n):
+    """N slots over every local device: `--processes=N`."""
+    from experiments.placement import Slot
+
+    return [Slot("cpu", (), {})] * n
 
 
 @pytest.fixture(scope="module")
 def smoke_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("smoke")
-    assert degradation.main(["--preset=smoke", f"--root={root}"]) == 0
+    assert sweep.main([DEGRADATION, f"--root={root}"]) == 0
     return root
 
 
-def test_smoke_preset_writes_figure_table_and_numbers(smoke_root):
-    for name in ("degradation.png", "degradation.pdf", "degradation.md", "degradation.csv",
-                 "degradation.json"):
+def test_smoke_degradation_sweep_writes_its_report(smoke_root):
+    for name in ("report.md", "report.csv", "report.json", "curves.png", "curves.pdf"):
         assert (smoke_root / name).stat().st_size > 0
-    numbers = json.loads((smoke_root / "degradation.json").read_text())
-    assert [r["net"] for r in numbers["table"]] == ["plain-8", "plain-14", "ResNet-8",
-                                                     "ResNet-14"]
-    assert len(numbers["runs"]) == 4
-    table = (smoke_root / "degradation.md").read_text()
-    assert "| plain-14 | 1 |" in table
+    numbers = json.loads((smoke_root / "report.json").read_text())
+    assert len(numbers["table"]) == 4  # plain and residual x depths 8 and 14
+    declared = json.loads((smoke_root / "sweep.json").read_text())
+    assert declared["sweep"] == DEGRADATION
+    assert declared["report"]["by"] == ["residual", "depth"]
+    assert not declared["report"]["reference"]["comparable"]  # the paper's scale only
     # Each run's directory name states its arguments.
     assert (smoke_root / "depth=14,residual=false,width=1,dataset=digits,seed=0" /
             "summary.json").exists()
+    assert len(declared["runs"]) == 4
 
 
 def test_rerun_trains_only_what_is_missing(smoke_root, capsys):
@@ -41,7 +58,7 @@ def test_rerun_trains_only_what_is_missing(smoke_root, capsys):
               p.parent != victim}
     (victim / "summary.json").unlink()
     capsys.readouterr()
-    assert degradation.main(["--preset=smoke", f"--root={smoke_root}"]) == 0
+    assert sweep.main([DEGRADATION, f"--root={smoke_root}"]) == 0
     out = capsys.readouterr().out
     assert "[sweep] 3/4 done, 0 running, 1 left" in out
     assert "resuming from step 6" in out  # the interrupted run resumed from its checkpoint
@@ -49,29 +66,8 @@ def test_rerun_trains_only_what_is_missing(smoke_root, capsys):
     assert all(p.stat().st_mtime_ns == t for p, t in others.items())
 
 
-def test_plot_only_redraws_without_training(smoke_root, capsys):
-    (smoke_root / "degradation.png").unlink()
-    assert degradation.main(["--preset=smoke", f"--root={smoke_root}", "--plot-only"]) == 0
-    assert (smoke_root / "degradation.png").exists()
-    assert "[sweep]" not in capsys.readouterr().out
-
-
-def test_plot_only_on_an_empty_root_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="no finished runs under"):
-        degradation.main(["--preset=smoke", f"--root={tmp_path}", "--plot-only"])
-
-
-def test_failed_runs_are_named_not_averaged():
-    ok = {"converged": True, "train/error": 5.0, "test/error": 7.0}
-    bad = {"converged": False, "train/error": 89.0, "test/error": 90.0}
-    results = [{"depth": 110, "residual": False, "seed": s, "summary": summary}
-               for s, summary in enumerate([ok, bad])]
-    (row,) = degradation.table(results)
-    assert row["not_converged_seeds"] == [1]
-
-
 def test_paper_preset_is_the_papers_sweep():
-    runs = degradation.PRESETS["paper"].runs()
+    runs = degradation.get_sweep("preset=paper").runs
     assert len(runs) == 5 * 2 * 5 + 5  # 20-110 plain and residual, 5 seeds; ResNet-1202
     config = next(r for r in runs if r.arg.startswith("depth=110,residual=true")).build()
     assert (config.total_steps, tuple(config.lr_boundaries_steps)) == (64_000, (32_000, 48_000))
@@ -85,7 +81,7 @@ def test_paper_preset_is_the_papers_sweep():
 def test_paper_preset_trains_from_tfds(tmp_path):
     """The paper preset's first run, shrunk, through the real tfds.data_source path."""
     write_prepared_tfds(tmp_path / "tfds", "cifar10", n_train=64, n_test=16)
-    run = degradation.PRESETS["paper"].runs()[0]
+    run = degradation.get_sweep("preset=paper").runs[0]
     # Batch-norm groups of 8 in a batch of 16: the preset's grouping (64 of 128), shrunk too.
     run = Run(run.arg, {**run.overrides, "total_steps": 2, "batch_size": 16, "bn_group_size": 8,
                         "log_every_steps": 1, "eval_every_steps": 2,
@@ -98,7 +94,7 @@ def test_paper_preset_trains_from_tfds(tmp_path):
 def test_cifar16_cpu_preset_trains_at_16x16_without_diagnostics(tmp_path):
     """The CPU-scale Fig. 6 preset: its schedule, and its first run, shrunk, trains on 16x16
     pixel-block means of CIFAR-10 (here a prepared TFDS copy of 32x32 images)."""
-    preset = degradation.PRESETS["cifar16-cpu"]
+    preset = PRESETS["cifar16-cpu"]
     runs = {r.arg.split(",width")[0]: r.build() for r in preset.runs() if r.arg.endswith("seed=1")}
     assert len(preset.runs()) == 20  # 5 depths x plain/residual x 2 seeds
     assert {(c.image_size, c.base_width, c.total_steps, c.log_diagnostics) for c in runs.values()
@@ -122,7 +118,7 @@ def test_sweep_runs_several_processes_at_once(tmp_path):
                 {"total_steps": 2, "batch_size": 16, "log_every_steps": 1,
                  "eval_every_steps": 2, "checkpoint_every_steps": 2})
             for r in ("true", "false")]
-    run_sweep(runs, tmp_path, processes=2)
+    run_sweep(runs, tmp_path, slots=shared(2))
     for run in runs:
         assert json.loads((tmp_path / run.name / "summary.json").read_text())["step"] == 2
 
@@ -157,32 +153,33 @@ def test_layer_responses_with_the_running_statistics_say_so(smoke_root):
 
 def test_layer_responses_without_runs_is_a_clear_error(tmp_path, capsys):
     assert layer_responses.main([f"--root={tmp_path}"]) == 2
-    assert "run python -m experiments.degradation first" in capsys.readouterr().err
+    assert "sweeps/degradation.py first" in capsys.readouterr().err
 
 
-def test_ablation_studies_declare_the_papers_variants():
-    from experiments import ablations
-
-    args = [a for a, _ in ablations.study_args("shortcuts", small=False)]
+def test_study_sweep_files_declare_the_papers_variants():
+    args = [r.arg.split(",width")[0] for r in shortcuts.get_sweep("preset=paper").runs
+            if r.arg.endswith("seed=0")]
     assert args[:3] == ["depth=20,shortcut=A", "depth=20,shortcut=B", "depth=20,shortcut=C"]
     assert len(args) == 9
-    preact = [a for a, _ in ablations.study_args("preact", small=False)]
-    assert preact == ["depth=110,block=post", "depth=110,block=pre",
-                      "depth=164,bottleneck=true,shortcut=B,block=post",
-                      "depth=164,bottleneck=true,shortcut=B,block=pre"]
-    assert len(ablations.runs("preact", "paper")) == 4 * 5  # 5 seeds
+    runs = preact.get_sweep("preset=paper").runs
+    assert [r.arg.split(",width")[0] for r in runs if r.arg.endswith("seed=0")] == [
+        "depth=110,block=post", "depth=110,block=pre",
+        "depth=164,bottleneck=true,shortcut=B,block=post",
+        "depth=164,bottleneck=true,shortcut=B,block=pre"]
+    assert len(runs) == 4 * 5  # 5 seeds
+    assert len(shortcuts.get_sweep("preset=digits,seeds=3").runs) == 27
+    assert preact.get_sweep("preset=paper").report["reference"]["comparable"]
+    with pytest.raises(ValueError, match="unknown preset 'big': use one of paper"):
+        shortcuts.get_sweep("preset=big")
 
 
-def test_preact_ablation_smoke(tmp_path):
-    from experiments import ablations
-
-    assert ablations.main(["--study=preact", "--preset=smoke", f"--root={tmp_path}"]) == 0
-    rows = json.loads((tmp_path / "ablation_preact.json").read_text())["table"]
-    assert [r["variant"] for r in rows] == [
-        "depth=11,bottleneck=true,shortcut=B,block=post,width=1,dataset=digits",
-        "depth=11,bottleneck=true,shortcut=B,block=pre,width=1,dataset=digits",
-        "depth=8,block=post,width=1,dataset=digits", "depth=8,block=pre,width=1,dataset=digits"]
-    assert (tmp_path / "ablation_preact.md").exists()
+def test_preact_sweep_smoke(tmp_path):
+    assert sweep.main(["--sweep=experiments/sweeps/preact.py:preset=smoke", f"--root={tmp_path}"
+                       ]) == 0
+    rows = json.loads((tmp_path / "report.json").read_text())["table"]
+    assert sorted((r["block"], r["depth"]) for r in rows) == [
+        ("post", 8), ("post", 11), ("pre", 8), ("pre", 11)]
+    assert (tmp_path / "report.md").exists()
 
 
 def test_sigterm_to_a_sweep_stops_its_runs_at_a_checkpoint(tmp_path):
@@ -194,11 +191,14 @@ def test_sigterm_to_a_sweep_stops_its_runs_at_a_checkpoint(tmp_path):
     import time
 
     script = ("import pathlib, sys\n"
-              "from experiments.sweep import Run, Stopped, run_sweep\n"
+              "from experiments.runner import Stopped\n"
+              "from experiments.placement import Slot\n"
+              "from tests.test_experiments import Run, run_sweep\n"
               "run = Run('depth=8,dataset=digits', {'total_steps': 100000, 'batch_size': 32,\n"
               "          'log_every_steps': 5, 'eval_every_steps': 100000})\n"
               "try:\n"
-              f"    run_sweep([run], pathlib.Path({str(tmp_path)!r}), processes=2)\n"
+              f"    run_sweep([run], pathlib.Path({str(tmp_path)!r}), "
+              "slots=[Slot('cpu', (), {})] * 2)\n"
               "except Stopped as e:\n"
               "    print(e, file=sys.stderr); sys.exit(e.exit_status)\n")
     sweep = subprocess.Popen([sys.executable, "-c", script], cwd=REPO,
@@ -219,7 +219,7 @@ def test_sigterm_to_a_sweep_stops_its_runs_at_a_checkpoint(tmp_path):
 
 
 def test_seed_groups_hold_seeds_of_one_net_up_to_the_program_size(tmp_path):
-    from experiments.sweep import seed_groups
+    from experiments.runner import seed_groups
 
     runs = [Run(f"depth=8,dataset=digits,seed={s}") for s in (0, 1, 2)]
     runs.insert(1, Run("depth=8,residual=false,dataset=digits,seed=0"))
@@ -247,8 +247,8 @@ def test_sweep_hands_seeds_of_one_net_to_one_program(tmp_path, monkeypatch):
         ([c.seed for c in configs], [pathlib.Path(w).name for w in workdirs])))
     run_sweep(runs, tmp_path, seeds_per_program=2)
     assert groups == [([0, 1], [runs[0].name, runs[1].name])]
-    with pytest.raises(ValueError, match="more than 1 only with one process"):
-        run_sweep(runs, tmp_path, processes=2, seeds_per_program=2)
+    with pytest.raises(ValueError, match="more than 1 only with the runs in this process"):
+        run_sweep(runs, tmp_path, slots=shared(2), seeds_per_program=2)
 
 
 TINY = {"total_steps": 2, "batch_size": 16, "log_every_steps": 1, "eval_every_steps": 2,
@@ -256,36 +256,44 @@ TINY = {"total_steps": 2, "batch_size": 16, "log_every_steps": 1, "eval_every_st
 NAN = {**TINY, "learning_rate": 1e39}  # inf in float32: NaN from the first update on
 
 
+def sweep_file(path: pathlib.Path, runs: str) -> str:
+    """A sweep file at `path` whose get_sweep returns `runs` (Python source), as --sweep=."""
+    path.write_text("from experiments.sweep import Run\n"
+                    f"TINY = {TINY!r}\nNAN = {NAN!r}\n"
+                    f"def get_sweep(arg=None):\n    return {runs}\n")
+    return f"--sweep={path}"
+
+
 def test_a_failed_run_is_named_and_the_rest_of_the_sweep_trains(tmp_path, capsys):
     """A NaN in the first run: the second still trains, the report leaves the failed run out
     and names it, and the sweep ends with the failed run's directory and reason, exit 2."""
-    from experiments.sweep import failures, run_sweep_command
-
-    bad, good = (Run(f"depth=8,dataset=digits,seed={s}", o) for s, o in ((1, NAN), (2, TINY)))
-    report = lambda: degradation.report(tmp_path, "one failed run")  # noqa: E731
-    assert run_sweep_command("degradation", [bad, good], tmp_path, report=report) == 2
+    root = tmp_path / "root"
+    spec = sweep_file(tmp_path / "s.py", "[Run('depth=8,dataset=digits,seed=1', NAN), "
+                                         "Run('depth=8,dataset=digits,seed=2', TINY)]")
+    bad, good = "depth=8,dataset=digits,seed=1", "depth=8,dataset=digits,seed=2"
+    assert sweep.main([spec, f"--root={root}"]) == 2
     out, err = capsys.readouterr()
     assert "[sweep] 1/2 done, 1 failed, 0 running, 0 left" in out
     assert "Traceback" not in out + err
     assert "1 of 2 runs failed" in err
-    (line,) = [x for x in err.splitlines() if x.startswith(f"  {tmp_path / bad.name}: ")]
+    (line,) = [x for x in err.splitlines() if x.startswith(f"  {root / bad}: ")]
     assert "not finite by step" in line
-    assert json.loads((tmp_path / good.name / "summary.json").read_text())["step"] == 2
-    assert not (tmp_path / bad.name / "summary.json").exists()
-    assert list(failures(tmp_path)) == [bad.name]
-    numbers = json.loads((tmp_path / "degradation.json").read_text())
-    assert [r["name"] for r in numbers["runs"]] == [good.name]
-    assert list(numbers["failed_runs"]) == [bad.name]
+    assert json.loads((root / good / "summary.json").read_text())["step"] == 2
+    assert not (root / bad / "summary.json").exists()
+    assert list(runner.failures(root)) == [bad]
+    numbers = json.loads((root / "report.json").read_text())
+    assert list(numbers["failed_runs"]) == [bad]
+    assert [r["runs"] for r in numbers["table"]] == [1]
 
 
 def test_a_failed_run_does_not_stop_a_sweep_of_several_processes(tmp_path):
     """The failed run's subprocess exits 2; the two others train, the third after it."""
-    from experiments.sweep import Stopped
+    from experiments.runner import Stopped
 
     bad = Run("depth=8,dataset=digits,seed=1", NAN)
     good = [Run(f"depth=8,dataset=digits,seed={s}", TINY) for s in (2, 3)]
     with pytest.raises(Stopped) as stopped:
-        run_sweep([bad, *good], tmp_path, processes=2)
+        run_sweep([bad, *good], tmp_path, slots=shared(2))
     assert stopped.value.exit_status == 2
     assert list(stopped.value.failed) == [bad.name]
     assert "not finite by step" in stopped.value.failed[bad.name]
@@ -325,14 +333,12 @@ def test_sigint_to_a_sweep_of_several_processes_leaves_no_child_behind(tmp_path)
     import sys
     import time
 
-    script = ("import pathlib, sys\n"
-              "from experiments.sweep import Run, run_sweep_command\n"
-              "runs = [Run(f'depth=8,dataset=digits,seed={s}', {'total_steps': 100000,\n"
-              "        'batch_size': 32, 'log_every_steps': 5, 'eval_every_steps': 100000})\n"
-              "        for s in (1, 2)]\n"
-              "sys.exit(run_sweep_command('sweep', runs, pathlib.Path("
-              f"{str(tmp_path)!r}), processes=2))\n")
-    sweep = subprocess.Popen([sys.executable, "-c", script], cwd=REPO,
+    spec = sweep_file(tmp_path / "s.py", "[Run(f'depth=8,dataset=digits,seed={s}', "
+                      "{'total_steps': 100000, 'batch_size': 32, 'log_every_steps': 5, "
+                      "'eval_every_steps': 100000}) for s in (1, 2)]")
+    tmp_path = tmp_path / "root"
+    sweep = subprocess.Popen([sys.executable, "-m", "experiments.sweep", spec,
+                              f"--root={tmp_path}", "--processes=2"], cwd=REPO,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "XLA_FLAGS": ""})
     dirs = [tmp_path / f"depth=8,dataset=digits,seed={s}" for s in (1, 2)]
@@ -360,84 +366,8 @@ def test_sigint_to_a_sweep_of_several_processes_leaves_no_child_behind(tmp_path)
                 os.kill(pid, signal.SIGKILL)
 
 
-# --- Table 6: like with like, failed runs apart, the paper's numbers in their own place ------
-
-
-def fake_run(root, depth, residual, seed, train, test, converged, bn_group_size=64):
-    """A finished run's files as `collect` reads them, with the given final errors."""
-    run = root / f"depth={depth},residual={str(residual).lower()},seed={seed}"
-    run.mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps(
-        {"depth": depth, "residual": residual, "seed": seed, "batch_size": 128,
-         "bn_group_size": bn_group_size}))
-    (run / "summary.json").write_text(json.dumps(
-        {"step": 10, "train/error": train, "test/error": test, "converged": converged,
-         "not_converged_from_train_error": 81.0}))
-    (run / "metrics.jsonl").write_text(json.dumps(
-        {"step": 10, "train/error": train, "test/error": test}) + "\n")
-
-
-def table_line(md: str, net: str) -> str:
-    """The net's line in the first table of `md` (the main one)."""
-    return next(x for x in md.splitlines() if x.startswith(f"| {net} |"))
-
-
-def test_paper_table_puts_each_paper_number_beside_the_same_statistic(tmp_path):
-    """ResNet-110: the paper's mean +- std of 5 beside ours over the converged runs, its best of
-    5 beside our best; ResNet-20: its one run beside our mean. A run that did not train is
-    listed apart and left out of the mean."""
-    for seed, (train, test) in enumerate([(0.5, 6.5), (0.6, 6.7), (0.4, 6.6), (0.7, 7.0)]):
-        fake_run(tmp_path, 110, True, seed, train, test, True)
-    fake_run(tmp_path, 110, True, 4, 89.0, 90.0, False)
-    fake_run(tmp_path, 20, True, 0, 1.0, 8.9, True)
-    rows = degradation.report(tmp_path, "paper", paper=True)
-    r110 = next(r for r in rows if r["net"] == "ResNet-110")
-    assert r110["test_mean"] == pytest.approx(6.7)  # 90 % left out
-    assert (r110["seeds"], r110["not_converged_seeds"], r110["test_best"]) == (5, [4], 6.5)
-    assert (r110["paper_n"], r110["paper_mean"], r110["paper_std"], r110["paper_best"]) == (
-        5, 6.61, 0.16, 6.43)
-    md = (tmp_path / "degradation.md").read_text()
-    cells = [c.strip() for c in table_line(md, "ResNet-110").split("|")[1:-1]]
-    # net | runs | not converged | train | test mean | paper mean | test best | paper best
-    assert cells[1:] == ["5", "1 (seed 4)", "0.55 +- 0.13 (n=4)", "6.70 +- 0.22 (n=4)",
-                         "6.61 +- 0.16 (n=5)", "6.50 (best of 4)", "6.43 (best of 5)"]
-    cells = [c.strip() for c in table_line(md, "ResNet-20").split("|")[1:-1]]
-    assert cells[4:6] == ["8.90", "8.75 (n=1)"]  # one run beside one run, no +- 0.00
-    assert cells[7] == ""  # the paper's single run is no best of several
-    assert "+- 0.00" not in md
-    # The failed run, apart, with its errors; the header states the BN groups.
-    assert "| ResNet-110 | 4 | 89.00 | 90.00 |" in md
-    assert "bn_group_size=64" in md.split("| net |")[0]
-    assert json.loads((tmp_path / "degradation.json").read_text())["table"][-1]["paper_best"] \
-        == 6.43
-
-
-def test_cpu_scale_table_keeps_the_paper_apart_and_one_seed_has_no_spread(tmp_path):
-    fake_run(tmp_path, 20, True, 0, 54.6, 52.8, True, bn_group_size=0)
-    fake_run(tmp_path, 20, False, 0, 64.9, 62.4, True, bn_group_size=0)
-    fake_run(tmp_path, 56, False, 0, 88.8, 88.9, False, bn_group_size=0)
-    rows = degradation.report(tmp_path, "cifar-cpu")
-    assert not any(k.startswith("paper") for r in rows for k in r)
-    md = (tmp_path / "degradation.md").read_text()
-    main_table = md.split("\n\n")[2]
-    assert "8.75" not in main_table and "paper" not in main_table.lower()
-    assert table_line(main_table, "ResNet-20").split("|")[4:6] == [" 54.60 ", " 52.80 "]
-    assert "+-" not in main_table
-    # plain-56 did not train: no mean, counted and listed apart.
-    assert table_line(main_table, "plain-56").split("|")[2:6] == [" 1 ", " 1 (seed 0) ", " - ",
-                                                                  " - "]
-    assert "| plain-56 | 0 | 88.80 | 88.90 |" in md
-    # The paper's numbers in their own labelled section, not beside these.
-    paper = md.split("## ")[-1]
-    assert paper.startswith("The paper's numbers") and "not comparable" in paper
-    assert "| ResNet-20 | 8.75 (n=1) |" in paper
-    assert "whole global batch" in md.split("| net |")[0]
-    csv_header = (tmp_path / "degradation.csv").read_text().splitlines()[0]
-    assert "paper" not in csv_header
-
-
 def test_paper_preset_sets_bn_groups_of_64_and_the_warmup_rule():
-    runs = {r.arg.split(",width")[0]: r.build() for r in degradation.PRESETS["paper"].runs()
+    runs = {r.arg.split(",width")[0]: r.build() for r in degradation.get_sweep("preset=paper").runs
             if r.arg.endswith("seed=0")}
     assert {c.bn_group_size for c in runs.values()} == {64}
     deep, shallow = runs["depth=110,residual=true"], runs["depth=56,residual=true"]
@@ -446,21 +376,226 @@ def test_paper_preset_sets_bn_groups_of_64_and_the_warmup_rule():
     assert (shallow.warmup_until_error, shallow.warmup_steps) == (0.0, 0)
     assert runs["depth=1202,residual=true"].warmup_until_error == 80.0
     # CPU presets keep BN over the whole batch and scale the cap with the schedule.
-    digits = degradation.PRESETS["digits"].runs()[-1].build()
+    digits = PRESETS["digits"].runs()[-1].build()
     assert (digits.depth, digits.bn_group_size, digits.warmup_steps) == (110, 0, 12)
 
 
-def test_ablation_table_leaves_failed_runs_out_and_one_seed_has_no_spread(tmp_path):
-    from experiments import ablations
+# --- Declaring a sweep: grids, names, bad input -------------------------------------------------
 
-    fake_run(tmp_path, 8, True, 0, 10.0, 12.0, True)
-    fake_run(tmp_path, 8, True, 1, 12.0, 14.0, True)
-    fake_run(tmp_path, 8, True, 2, 88.0, 90.0, False)
-    fake_run(tmp_path, 14, True, 0, 20.0, 22.0, True)
-    rows = ablations.report(tmp_path, "preact", "t")
-    assert [(r["seeds"], r["test_mean"]) for r in rows] == [(1, 22.0), (3, 13.0)]
-    md = (tmp_path / "ablation_preact.md").read_text()
-    assert "| depth=14,residual=true | 1 |  | 20.00 | 22.00 |" in md
-    assert ("| depth=8,residual=true | 3 | 1 (seed 2) | 11.00 +- 1.41 (n=2) | "
-            "13.00 +- 1.41 (n=2) |") in md
-    assert "| depth=8,residual=true,seed=2 | 88.00 | 90.00 |" in md
+
+def declare(*argv):
+    """The sweep the command line declares, without training."""
+    import argparse
+
+    args = argparse.Namespace(sweep=None, grid=[], seeds=None, config=None)
+    overrides = [a for a in argv if a.startswith("--config.")]
+    for a in argv:
+        key, _, value = a[2:].partition("=")
+        if key == "grid":
+            args.grid.append(value)
+        elif key == "seeds":
+            args.seeds = int(value)
+        elif key in ("sweep", "config"):
+            setattr(args, key, value)
+    return sweep.declare(args, overrides)
+
+
+def test_a_grid_puts_config_arguments_after_the_colon_and_the_rest_in_overrides():
+    declared = declare("--grid=depth=8,14", "--grid=learning_rate=0.02,0.1", "--seeds=2",
+                       "--config=resnet_jax/configs/cifar.py:dataset=digits,depth=20",
+                       "--config.total_steps=40", "--config.lr_boundaries_steps=(20,30)")
+    runs = declared.runs
+    assert len(runs) == 8
+    assert runs[0].arg == "dataset=digits,depth=8,seed=0"  # depth=20 of --config gives way
+    assert runs[0].overrides == {"learning_rate": 0.02, "total_steps": 40,
+                                 "lr_boundaries_steps": (20, 30)}
+    # Runs of one argument string are told apart by the overrides that differ between them.
+    assert [r.name for r in runs[:4]] == [
+        "dataset=digits,depth=8,seed=0,learning_rate=0.02",
+        "dataset=digits,depth=8,seed=1,learning_rate=0.02",
+        "dataset=digits,depth=8,seed=0,learning_rate=0.1",
+        "dataset=digits,depth=8,seed=1,learning_rate=0.1"]
+    config = runs[-1].build()
+    assert (config.depth, config.seed, config.learning_rate, config.total_steps) == (
+        14, 1, 0.1, 40)
+    assert declared.report == {"by": ["depth", "learning_rate"]}
+    # The warm-up rule follows the grid's depth, as it does a config argument's.
+    (deep,) = declare("--grid=depth=110").runs
+    assert deep.build().warmup_until_error == 80.0
+
+
+def test_config_overrides_reach_every_run_of_a_sweep_file_without_renaming_them():
+    runs = declare(DEGRADATION, "--config.dtype=bfloat16", "--config.total_steps=3").runs
+    assert {(r.build().dtype, r.build().total_steps) for r in runs} == {("bfloat16", 3)}
+    assert [r.name for r in runs] == [r.name for r in degradation.get_sweep("preset=smoke").runs]
+
+
+def test_split_values_keeps_tuples_whole():
+    assert sweep.split_values("(1,2),(3,4)") == ["(1,2)", "(3,4)"]
+    assert sweep.parse_value("lr_boundaries_steps", "(1,2)", (5, 6)) == (1, 2)
+    assert sweep.parse_value("flip", "false", True) is False
+
+
+BAD_SWEEPS = {
+    "unknown key in a sweep file": (
+        "[Run('depth=8,dataset=digits', {'totl_steps': 2})]", [],
+        "unknown config key 'totl_steps'"),
+    "value of the wrong type in a sweep file": (
+        "[Run('depth=8,dataset=digits', {'total_steps': 'many'})]", [],
+        "total_steps='many' does not fit the config's int"),
+    "bad config argument in a sweep file": (
+        "[Run('depth=9,dataset=digits', TINY)]", [], "depth=9"),
+    "empty sweep": ("[]", [], "has no runs"),
+    "unknown report key in a sweep file": (
+        "__import__('experiments.sweep').sweep.Sweep([Run('depth=8,dataset=digits', TINY)], "
+        "report={'by': ['dpth']})", [], "the sweep's report groups by 'dpth'"),
+    "two runs in one directory": (
+        "[Run('depth=8,dataset=digits', TINY), Run('depth=8,dataset=digits', TINY)]", [],
+        "both train in ROOT/depth=8,dataset=digits"),
+    "unknown grid key": (None, ["--grid=dpth=8,14"], "unknown key 'dpth'"),
+    "grid value of the wrong type": (None, ["--grid=learning_rate=fast"],
+                                     "learning_rate=fast is not a float"),
+    "grid config argument of the wrong type": (None, ["--grid=depth=eight"],
+                                               "depth=eight must be an integer"),
+    "grid without values": (None, ["--grid=depth="], "has no values"),
+    "grid and sweep file": ("[Run('depth=8,dataset=digits', TINY)]", ["--grid=depth=8"],
+                            "use a sweep file or a grid"),
+    "unknown override": (None, ["--grid=depth=8", "--config.totl_steps=3"],
+                         "--config.totl_steps: unknown config key"),
+    "too many devices per run": (None, ["--grid=depth=8", "--devices-per-run=9"],
+                                 "--devices-per-run=9 but this machine shows 8 cpu device"),
+    "bad shard": (None, ["--grid=depth=8", "--shard=2/2"], "--shard=2/2 is not I/N"),
+    "index out of range": (None, ["--grid=depth=8,14", "--index=2"],
+                           "--index=2 is out of range: this sweep has runs 0 to 1"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SWEEPS)
+def test_bad_sweeps_are_one_line_and_train_nothing(tmp_path, capsys, case):
+    runs, argv, message = BAD_SWEEPS[case]
+    if runs is not None:
+        argv = [sweep_file(tmp_path / "s.py", runs), *argv]
+    root = tmp_path / "root"
+    capsys.readouterr()
+    assert sweep.main([*argv, f"--root={root}"]) == 2
+    out, err = capsys.readouterr()
+    assert len(err.splitlines()) == 1 and message in err and err.startswith("sweep: error: "), err
+    assert not root.exists() and out == ""
+
+
+def test_a_root_holding_another_sweeps_runs_is_refused_and_left_as_it_is(smoke_root, capsys):
+    before = sorted(p.name for p in smoke_root.iterdir())
+    argv = ["--grid=depth=8", "--config=resnet_jax/configs/cifar.py:dataset=digits",
+            f"--root={smoke_root}"]
+    assert sweep.main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert "holds runs that are not in this sweep" in err and "--root of its own" in err
+    # A run of the same name trained with another config is refused too.
+    argv = [DEGRADATION, "--config.learning_rate=0.5", f"--root={smoke_root}"]
+    assert sweep.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "was trained with another learning_rate" in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in smoke_root.iterdir()) == before
+
+
+def test_dry_run_prints_each_runs_state_and_writes_nothing(smoke_root, tmp_path, capsys):
+    assert sweep.main([DEGRADATION, f"--root={smoke_root}", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith(f"4 of 4 runs under {smoke_root}, one after another")
+    assert out.count(": finished") == 4
+    root = tmp_path / "new"
+    assert sweep.main([DEGRADATION, f"--root={root}", "--dry-run", "--processes=2",
+                       "--shard=1/2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("2 of 4 runs") and out.count(": trains") == 2
+    assert "resnet_jax.main train" in out and not root.exists()
+
+
+def test_list_index_and_shard_select_runs_of_the_whole_sweep(capsys):
+    assert sweep.main([DEGRADATION, "--list"]) == 0
+    names = capsys.readouterr().out.split()
+    assert len(names) == 4
+    runs = declare(DEGRADATION).runs
+    assert [r.name for r in sweep.select(runs, 3, None)] == names[3:]
+    assert [r.name for r in sweep.select(runs, None, "1/3")] == [names[1]]
+
+
+# --- Where runs train: one per device --------------------------------------------------------
+
+
+def test_one_run_per_device_group_on_simulated_devices(tmp_path):
+    """8 simulated CPU devices, 4 a run: two runs at once, each in a process that sees only its
+    4 (num_devices=4 trains; 5 is refused by the run, naming the 4 it sees)."""
+    root = tmp_path / "root"
+    argv = ["--grid=num_devices=4,5", "--config=resnet_jax/configs/cifar.py:depth=8,dataset=digits",
+            *[f"--config.{k}={v}" for k, v in TINY.items()], "--devices-per-run=4",
+            f"--root={root}"]
+    assert sweep.main(argv) == 2
+    ok, refused = root / "depth=8,dataset=digits,num_devices=4", \
+        root / "depth=8,dataset=digits,num_devices=5"
+    assert json.loads((ok / "summary.json").read_text())["step"] == 2
+    assert "only 4 devices are visible" in json.loads((refused / "failure.json").read_text()
+                                                      )["reason"]
+    slots = {(d / "log.txt").read_text().splitlines()[0] for d in (ok, refused)}
+    assert slots == {f"[sweep] {ok.name} on cpu 0,1,2,3",
+                     f"[sweep] {refused.name} on cpu 4,5,6,7"}
+
+
+def test_the_environment_each_run_gets_on_gpus_and_tpus():
+    from experiments import placement
+
+    gpus = placement.slots("gpu", ["0", "1", "2", "3"], 1)
+    assert [s.env for s in gpus] == [{"CUDA_VISIBLE_DEVICES": str(i)} for i in range(4)]
+    assert placement.local_accelerators(environ={"CUDA_VISIBLE_DEVICES": "2,3"}) == (
+        "gpu", ["2", "3"])
+    assert placement.shared_env("gpu") == {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    pairs = placement.slots("tpu", [str(i) for i in range(8)], 2)
+    assert [s.env["TPU_VISIBLE_CHIPS"] for s in pairs] == ["0,1", "2,3", "4,5", "6,7"]
+    assert {s.env["TPU_CHIPS_PER_PROCESS_BOUNDS"] for s in pairs} == {"1,2,1"}
+    assert len({s.env["TPU_PROCESS_PORT"] for s in pairs}) == 4  # a port each
+    cpu = placement.slots("cpu", ["0", "1", "2", "3"], 2, environ={
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_foo=1"})
+    assert cpu[1].env == {"XLA_FLAGS": "--xla_foo=1 --xla_force_host_platform_device_count=2"}
+    with pytest.raises(ValueError, match="sub-slice of 1, 2, 4, 8 chips"):
+        placement.slots("tpu", ["0", "1", "2"], 3)
+
+
+def test_dry_run_on_gpus_pins_each_run_to_its_gpu(tmp_path, capsys):
+    argv = [DEGRADATION, f"--root={tmp_path / 'r'}", "--dry-run", "--devices-per-run=1",
+            "--platform=gpu", "--devices=0,1,2,3"]
+    assert sweep.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == (
+        f"4 of 4 runs under {tmp_path / 'r'}, 4 at a time: gpu 0 (CUDA_VISIBLE_DEVICES=0); "
+        "gpu 1 (CUDA_VISIBLE_DEVICES=1); gpu 2 (CUDA_VISIBLE_DEVICES=2); "
+        "gpu 3 (CUDA_VISIBLE_DEVICES=3)")
+
+
+# --- The README's own sweep ------------------------------------------------------------------
+
+
+def readme_command(marker: str) -> list[str]:
+    """The README's command line that starts with `marker`, continuation lines joined."""
+    import shlex
+
+    text = (REPO / "README.md").read_text().replace("\\\n", " ")
+    (line,) = [x for x in text.splitlines() if x.strip().startswith(marker)]
+    return shlex.split(line)
+
+
+def test_the_readmes_two_key_grid_sweep_runs_end_to_end(tmp_path, capsys):
+    argv = readme_command("python -m experiments.sweep --grid=")
+    root = [a for a in argv if a.startswith("--root=")]
+    argv = [a for a in argv[3:] if a not in root] + [f"--root={tmp_path}"]
+    assert sweep.main(argv) == 0
+    table = json.loads((tmp_path / "report.json").read_text())["table"]
+    assert len(table) == 4 and {r["runs"] for r in table} == {2}  # 2 keys x 2 values, 2 seeds
+    assert (tmp_path / "hparams").is_dir()
+
+
+def test_the_readmes_sweep_file_is_declared_as_shown():
+    argv = readme_command("python -m experiments.sweep --sweep=experiments/sweeps/lr_depth.py")
+    runs = declare(*[a for a in argv if a.startswith("--sweep")]).runs
+    assert len(runs) == 12
+    assert runs[0].name == "depth=8,dataset=digits,seed=0,learning_rate=0.02"

@@ -16,8 +16,12 @@ TPU = {"TPU_NAME": "resnet-v4-32", "ZONE": "us-central2-b", "ACCELERATOR_TYPE": 
        "WORKDIR": "/mnt/shared/runs/r50"}
 
 
+# This Python first: the launchers ask `python -m experiments.sweep --list` for a sweep's runs.
+PATH = f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}"
+
+
 def launch(script, *args, **variables):
-    base = {k: v for k, v in os.environ.items() if k not in TPU}
+    base = {k: v for k, v in os.environ.items() if k not in TPU} | {"PATH": PATH}
     return subprocess.run(["bash", f"launch/{script}", *args], cwd=REPO, env={**base, **variables},
                           capture_output=True, text=True, timeout=120)
 
@@ -25,6 +29,7 @@ def launch(script, *args, **variables):
 # A config value that a shell would split or refuse unquoted.
 STEPS = "--config.lr_boundaries_steps=(32000, 48000)"
 CIFAR = "resnet_jax/configs/cifar.py:depth=8"
+PAPER = "--sweep=experiments/sweeps/degradation.py:preset=paper"
 
 
 def fakes(tmp_path):
@@ -50,7 +55,7 @@ def fakes(tmp_path):
 
 
 def on_path(folder):
-    return f"{folder}:{os.environ['PATH']}"
+    return f"{folder}:{PATH}"
 
 
 def shell(command, cwd, path, **variables):
@@ -123,8 +128,8 @@ def test_scripts_are_strict_and_documented(script):
      "--command=cd\\ resnet_jax\\ \\&\\&\\ RESNET_JAX_DISTRIBUTED=1\\ python3\\ -m\\ "
      "resnet_jax.main\\ train\\ --config=resnet_jax/configs/cifar.py:depth=110\\ "
      "--workdir=/mnt/shared/runs/r50\\ --config.batch_size=1024"),
-    (["sweep", "paper"], "RESNET_JAX_DISTRIBUTED=1\\ python3\\ -m\\ experiments.degradation\\ "
-                         "--preset=paper\\ --root=/mnt/shared/runs/r50"),
+    (["sweep", PAPER], "RESNET_JAX_DISTRIBUTED=1\\ python3\\ -m\\ experiments.sweep\\ "
+                       f"{PAPER}\\ --root=/mnt/shared/runs/r50"),
     (["copy", "results/"], "gcloud compute tpus tpu-vm scp --recurse "
                            "resnet-v4-32:/mnt/shared/runs/r50 results/ --zone=us-central2-b "
                            "--worker=0"),
@@ -134,6 +139,22 @@ def test_tpu_dry_run_prints_complete_gcloud_commands(command, expected):
     proc = launch("tpu.sh", "--dry-run", *command, **TPU, SPOT="1")
     assert proc.returncode == 0, proc.stderr
     assert expected in proc.stdout
+
+
+def test_tpu_sweep_per_chip_gives_each_worker_its_share_then_reports():
+    proc = launch("tpu.sh", "--dry-run", "sweep-per-chip", "--grid=depth=20,56", "--seeds=3",
+                  **TPU, WORKERS="4")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 5
+    for w, line in enumerate(lines[:4]):
+        assert f"--worker={w} " in line
+        assert (f"python3\\ -m\\ experiments.sweep\\ --grid=depth=20\\\\\\,56\\ --seeds=3\\ "
+                f"--root=/mnt/shared/runs/r50\\ --devices-per-run=1\\ --platform=tpu\\ "
+                f"--shard={w}/4\\ --no-report") in line, line
+    assert "--worker=0 " in lines[4] and "experiments.report\\ --root=/mnt/shared/runs/r50" in lines[4]
+    proc = launch("tpu.sh", "--dry-run", "sweep-per-chip", PAPER, **TPU)
+    assert proc.returncode == 2 and "WORKERS is not set" in proc.stderr
 
 
 def test_tpu_setup_ships_this_checkout_to_every_worker():
@@ -179,16 +200,28 @@ def test_slurm_run_is_one_srun_over_every_gpu():
 
 
 def test_slurm_sweep_is_a_job_array_over_every_run_then_the_report():
-    proc = launch("slurm.sh", "--dry-run", "sweep", "paper", WORKDIR="/shared/sweep")
+    proc = launch("slurm.sh", "--dry-run", "sweep", PAPER, WORKDIR="/shared/sweep")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     # The paper preset: 5 depths x plain/residual x 5 seeds, and ResNet-1202 x 5 seeds.
     assert "#SBATCH --array=0-54%16" in lines
-    assert ("python -m experiments.degradation --preset=paper --root=/shared/sweep "
-            "--index=$SLURM_ARRAY_TASK_ID") in lines
+    assert "#SBATCH --gpus-per-task=1" in lines
+    assert (f"python -m experiments.sweep {PAPER} --root=/shared/sweep "
+            "--index=$SLURM_ARRAY_TASK_ID --no-report") in lines
     assert "sbatch --parsable --dependency=afterok:JOBID " in lines
-    assert ("python -m experiments.degradation --preset=paper --root=/shared/sweep "
-            "--plot-only") in lines
+    assert "python -m experiments.report --root=/shared/sweep" in lines
+
+
+def test_slurm_sweep_of_a_grid_and_bad_sweeps():
+    proc = launch("slurm.sh", "--dry-run", "sweep", "--grid=depth=20,56", "--grid=residual=true,false",
+                  "--seeds=3", "--config.total_steps=4000", WORKDIR="/shared/grid")
+    assert proc.returncode == 0, proc.stderr
+    assert "#SBATCH --array=0-11%16" in proc.stdout.splitlines()
+    proc = launch("slurm.sh", "--dry-run", "sweep", "--grid=dpth=20", WORKDIR="/shared/grid")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [proc.stderr.strip()] and "unknown key 'dpth'" in proc.stderr
+    proc = launch("slurm.sh", "--dry-run", "sweep", PAPER, "--root=/x", WORKDIR="/shared/grid")
+    assert proc.returncode == 2 and "WORKDIR is the sweep's root" in proc.stderr
 
 
 def test_local_dry_run_names_every_process():
@@ -234,7 +267,8 @@ def test_tpu_workers_get_every_path_and_value_whole(tmp_path, command):
     repo_dir = "my repo; touch injected"
     (home / repo_dir).mkdir(parents=True)
     workdir = f"/mnt/my runs/r1; touch {home}/injected"
-    args = {"setup": ["setup"], "run": ["run", CIFAR, STEPS], "sweep": ["sweep", "paper"]}[command]
+    args = {"setup": ["setup"], "run": ["run", CIFAR, STEPS], "sweep": ["sweep", PAPER, STEPS]
+            }[command]
     proc = launch("tpu.sh", "--dry-run", *args, **TPU | {"WORKDIR": workdir},
                   REPO_DIR=repo_dir, PATH=on_path(cloud))
     assert proc.returncode == 0, proc.stderr
@@ -248,7 +282,7 @@ def test_tpu_workers_get_every_path_and_value_whole(tmp_path, command):
                   f"python3 in {home}", "-m", "pip", "install", "-e", repo_dir],
         "run": [in_repo, "-m", "resnet_jax.main", "train", f"--config={CIFAR}",
                 f"--workdir={workdir}", STEPS],
-        "sweep": [in_repo, "-m", "experiments.degradation", "--preset=paper", f"--root={workdir}"],
+        "sweep": [in_repo, "-m", "experiments.sweep", PAPER, STEPS, f"--root={workdir}"],
     }[command], workers.stderr
     assert not (home / "injected").exists()
 
@@ -276,7 +310,7 @@ def test_slurm_jobs_get_every_path_and_value_whole(tmp_path, command):
     venv = tmp_path / "my venv; (jax)"
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "activate").write_text("true\n")
-    args = {"run": ["run", CIFAR, STEPS], "sweep": ["sweep", "paper"]}[command]
+    args = {"run": ["run", CIFAR, STEPS], "sweep": ["sweep", PAPER, STEPS]}[command]
     proc = launch("slurm.sh", "--dry-run", *args, WORKDIR=workdir, VENV=str(venv),
                   PATH=on_path(cloud))
     assert proc.returncode == 0, proc.stderr
@@ -286,10 +320,10 @@ def test_slurm_jobs_get_every_path_and_value_whole(tmp_path, command):
     expected = {
         "run": [(output + "%j.out", python + ["resnet_jax.main", "train", f"--config={CIFAR}",
                                               f"--workdir={workdir}", STEPS])],
-        "sweep": [(output + "%A_%a.out", python + ["experiments.degradation", "--preset=paper",
-                                                   f"--root={workdir}", "--index=3"]),
-                  (output + "%j.out", python + ["experiments.degradation", "--preset=paper",
-                                                f"--root={workdir}", "--plot-only"])],
+        "sweep": [(output + "%A_%a.out", python + ["experiments.sweep", PAPER, STEPS,
+                                                   f"--root={workdir}", "--index=3",
+                                                   "--no-report"]),
+                  (output + "%j.out", python + ["experiments.report", f"--root={workdir}"])],
     }[command]
     scripts = batch_scripts(proc.stdout)
     assert len(scripts) == len(expected)
@@ -334,7 +368,8 @@ def test_local_dry_run_runs_every_path_and_value_whole(tmp_path):
     ("tpu.sh", ["run", "--dry-run", CIFAR, STEPS]),
     ("tpu.sh", ["delete", "--dry-run"]),
     ("slurm.sh", ["run", CIFAR, STEPS, "--dry-run"]),
-    ("slurm.sh", ["sweep", "paper", "--dry-run"]),
+    ("slurm.sh", ["sweep", PAPER, "--dry-run"]),
+    ("tpu.sh", ["sweep-per-chip", PAPER, "--dry-run"]),
     ("local.sh", ["2", "--dry-run", "touch", "{tmp}/acted"]),
 ])
 def test_dry_run_anywhere_prints_and_never_acts(tmp_path, script, args):
@@ -342,7 +377,7 @@ def test_dry_run_anywhere_prints_and_never_acts(tmp_path, script, args):
     cloud, _ = fakes(tmp_path)
     workdir = tmp_path / "runs"
     proc = launch(script, *[arg.format(tmp=tmp_path) for arg in args],
-                  **TPU | {"WORKDIR": str(workdir)}, PATH=on_path(cloud))
+                  **TPU | {"WORKDIR": str(workdir)}, PATH=on_path(cloud), WORKERS="2")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout
     assert not (tmp_path / "calls").exists()  # no gcloud, sbatch or srun

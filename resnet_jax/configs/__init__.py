@@ -4,7 +4,7 @@
 path's colon into typed values, starting from the family's defaults. Also here, for the config
 files and the studies (experiments/) alike: the paper's warm-up rule (`warmup`) and the paper's
 names of its nets (`net_name`). Standard library only: a launcher asks a study for its runs
-(`python -m experiments.degradation --list`) with any Python.
+(`python -m experiments.sweep --sweep=FILE --list`) with any Python.
 """
 
 from __future__ import annotations

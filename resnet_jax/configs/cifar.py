@@ -21,9 +21,13 @@ import ml_collections
 from resnet_jax.configs import parse_arg, warmup
 
 
+# The arguments after the colon, with their defaults (a sweep's grid puts these keys there).
+ARGS = dict(depth=20, residual=True, shortcut="A", block="post", bottleneck=False, width=1,
+            base_width=16, dataset="cifar10", seed=0)
+
+
 def get_config(arg=None):
-    a = parse_arg(arg, depth=20, residual=True, shortcut="A", block="post", bottleneck=False,
-                  width=1, base_width=16, dataset="cifar10", seed=0)
+    a = parse_arg(arg, **ARGS)
     c = ml_collections.ConfigDict()
     # Model.
     c.model = "cifar"

@@ -20,9 +20,12 @@ Data: TFDS imagenet2012 prepared as array_record, streamed by pipeline.py (see t
 from resnet_jax.configs import cifar, parse_arg
 
 
+# The arguments after the colon, with their defaults (a sweep's grid puts these keys there).
+ARGS = dict(depth=50, residual=True, shortcut="", block="post", dataset="imagenet2012", seed=0)
+
+
 def get_config(arg=None):
-    a = parse_arg(arg, depth=50, residual=True, shortcut="", block="post",
-                  dataset="imagenet2012", seed=0)
+    a = parse_arg(arg, **ARGS)
     a["shortcut"] = a["shortcut"] or ("A" if a["depth"] < 50 else "B")
     c = cifar.get_config()
     c.model = "imagenet"

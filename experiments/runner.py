@@ -1,0 +1,293 @@
+"""Trains a sweep's runs: in this process, or as subprocesses, each in a slot of its own.
+
+`run_sweep(runs, configs, root, slots=...)` trains every run that has no finished `summary.json`
+in `ROOT/<name>`, resuming interrupted runs from their checkpoints: one after another in this
+process (`slots=None`), or one subprocess per slot at a time (`placement.Slot`: the environment
+that pins a run to its devices; N unpinned slots are `--processes=N`). It prints progress over
+the whole sweep: runs done, failed, running, left, and the time left. A run that fails (a NaN, a
+bad dataset, a crash) is recorded in its directory's `failure.json` and the others train; the
+sweep then names each failed run with its reason and ends in `Stopped` (exit 2). SIGTERM or
+SIGINT to the sweep stops its runs at a checkpoint (tests/test_experiments.py).
+Declaring a sweep and its command line: experiments/sweep.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from typing import TYPE_CHECKING
+
+from resnet_jax.files import write_atomically
+
+if TYPE_CHECKING:
+    from experiments.placement import Slot
+    from experiments.sweep import Run
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FAILURE = "failure.json"  # in a run's directory: why its last attempt failed
+# A run's exit status when a signal stopped it: at a checkpoint (128 + the signal), or before its
+# training loop began (minus the signal).
+STOP_SIGNALS = {130: signal.SIGINT, 143: signal.SIGTERM,
+                -signal.SIGINT: signal.SIGINT, -signal.SIGTERM: signal.SIGTERM}
+
+
+class Stopped(Exception):
+    """The sweep ended before training every run: it or a run was preempted (SIGTERM) or
+    interrupted (SIGINT), the runs under way stopping at a checkpoint (`exit_status` 143 or 130);
+    or runs failed while the others trained (2). `failed` maps each failed run's name to its
+    reason. Rerunning the sweep trains only what is missing."""
+
+    def __init__(self, message: str, exit_status: int, root: pathlib.Path | None = None,
+                 failed: dict | None = None):
+        self.exit_status, self.failed = exit_status, dict(failed or {})
+        if self.failed and exit_status != 2:
+            message += "; these runs had failed before:"
+        super().__init__("\n".join([message] + [f"  {root / name}: {reason}"
+                                                 for name, reason in self.failed.items()]))
+
+
+def is_finished(workdir: pathlib.Path, total_steps: int) -> bool:
+    from resnet_jax.train import read_run_json  # a damaged summary: a ConfigError naming it
+
+    path = workdir / "summary.json"
+    return path.exists() and read_run_json(path)["step"] >= total_steps
+
+
+def failures(root: pathlib.Path) -> dict[str, str]:
+    """The runs under `root` whose last attempt failed, each with its reason: for reports, which
+    leave them out (they have no summary.json)."""
+    out = {}
+    for path in sorted(root.glob(f"*/{FAILURE}")):
+        if not (path.parent / "summary.json").exists():
+            try:
+                out[path.parent.name] = json.loads(path.read_text())["reason"]
+            except (OSError, ValueError, KeyError):
+                out[path.parent.name] = f"failed ({path} is unreadable)"
+    return out
+
+
+def _record_failure(workdir: pathlib.Path, reason: str) -> None:
+    """Writes `FAILURE` whole or not at all; failing to (a full disk) only loses the record, since
+    the sweep names the run at its end anyway."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_atomically(workdir / FAILURE, json.dumps({"reason": reason}) + "\n")
+    except OSError:
+        pass
+
+
+class Progress:
+    """Runs done, running and left over the whole sweep, and the time left: extrapolated by
+    cost = iterations x depth, since a 110-layer run is not a 20-layer one."""
+
+    def __init__(self, total: int, todo: dict):
+        self.total, self.done, self.failures = total, total - len(todo), 0
+        self.cost = {name: c.total_steps * c.get("depth", 1) for name, c in todo.items()}
+        self.start, self.done_cost, self.running = time.time(), 0, {}
+
+    def finished(self, name: str) -> None:
+        self.done, self.done_cost = self.done + 1, self.done_cost + self.cost[name]
+        self.running.pop(name, None)
+        self.report()
+
+    def failed(self, name: str) -> None:
+        self.failures += 1
+        self.cost.pop(name)  # out of the time left, which the time spent on it still slows
+        self.running.pop(name, None)
+        self.report()
+
+    def report(self) -> None:
+        left = self.total - self.done - self.failures - len(self.running)
+        eta = ""
+        if self.done_cost:
+            remaining = sum(self.cost.values()) - self.done_cost
+            eta = (f", about {(time.time() - self.start) / self.done_cost * remaining / 60:.0f}"
+                   " min left")
+        failed = f"{self.failures} failed, " if self.failures else ""
+        print(f"[sweep] {self.done}/{self.total} done, {failed}{len(self.running)} running, "
+              f"{left} left{eta}", flush=True)
+
+
+def latest_checkpoint(workdir: pathlib.Path) -> int | None:
+    ckpts = workdir / "checkpoints"
+    steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.is_dir() else []
+    return max(steps, default=None)
+
+
+def seed_groups(todo: list[Run], configs: dict, root: pathlib.Path, size: int) -> list[list[Run]]:
+    """`todo` in groups of at most `size` runs that differ only in their seed and resume from
+    the same step: each group trains in one program. Order is kept within and across groups."""
+    groups: dict = {}
+    for run in todo:
+        config = configs[run.name].to_dict()
+        config.pop("seed")
+        key = (json.dumps(config, sort_keys=True, default=str), latest_checkpoint(root / run.name))
+        groups.setdefault(key, []).append(run)
+    return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
+
+
+def run_sweep(runs: list[Run], configs: dict, root: pathlib.Path, *,
+              slots: list[Slot] | None = None, seeds_per_program: int = 1) -> None:
+    """Trains every unfinished run of `runs` (their ConfigDicts in `configs`, by name) under
+    `root`: here, or one subprocess per slot at a time. Raises Stopped if the sweep or a run is
+    preempted (SIGTERM) or interrupted (SIGINT), and at the end if runs failed.
+    `seeds_per_program=K`: runs that differ only in their seed train K at a time in one compiled
+    program (in this process only), and fail together."""
+    if seeds_per_program < 1 or (seeds_per_program > 1 and slots):
+        raise ValueError(f"--seeds-per-program={seeds_per_program} with runs in subprocesses: "
+                         "use 1, or more than 1 only with the runs in this process")
+    root.mkdir(parents=True, exist_ok=True)
+    todo = [r for r in runs if not is_finished(root / r.name, configs[r.name].total_steps)]
+    progress = Progress(len(runs), {r.name: configs[r.name] for r in todo})
+    progress.report()
+    failed: dict[str, str] = {}
+    if slots:
+        _run_in_subprocesses(list(todo), root, slots, progress, failed)
+    else:
+        _run_here(seed_groups(todo, configs, root, seeds_per_program), configs, root, progress,
+                  failed)
+    if failed:
+        raise Stopped(f"{len(failed)} of {len(runs)} runs failed, the others are trained; rerun "
+                      "the sweep to retry the failed ones once their cause is fixed (a fix that "
+                      "changes a run's config needs its directory removed first):", 2, root,
+                      failed)
+
+
+def _run_here(groups: list[list[Run]], configs: dict, root: pathlib.Path, progress: Progress,
+              failed: dict) -> None:
+    """Trains each group of runs in this process; a failure is recorded in `failed`."""
+    import jax
+
+    from resnet_jax import train
+    from resnet_jax.checkpoint import Preempted
+
+    for group in groups:
+        names = [run.name for run in group]
+        for name in names:
+            progress.running[name] = None
+            (root / name / FAILURE).unlink(missing_ok=True)
+        print(f"[sweep] {', '.join(names)}", flush=True)
+        try:
+            train.train_runs([configs[n] for n in names], [str(root / n) for n in names])
+        except Preempted as e:
+            raise Stopped(f"{e} (runs {', '.join(names)}); rerun the sweep to finish them",
+                          128 + e.signum, root, failed) from None
+        except KeyboardInterrupt:  # before their training loop began, which checkpoints instead
+            raise Stopped(f"interrupted (SIGINT) while starting runs {', '.join(names)}; rerun "
+                          "the sweep to finish what is missing", 130, root, failed) from None
+        except Exception as e:  # noqa: BLE001 - one run's failure, whatever it is, ends only it
+            reason = _reason(e)
+            for name in names:
+                print(f"[sweep] {name} failed: {reason}", flush=True)
+                failed[name] = reason
+                if jax.process_index() == 0:
+                    _record_failure(root / name, reason)
+                progress.failed(name)
+            continue
+        for name in names:
+            progress.finished(name)
+
+
+def _reason(e: Exception) -> str:
+    """One line for a run's failure in this process; the traceback too where it is a bug."""
+    from resnet_jax.data import DataError
+    from resnet_jax.train import ConfigError
+
+    if isinstance(e, (ConfigError, DataError, FloatingPointError)):
+        return str(e)
+    if isinstance(e, OSError):
+        return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+    traceback.print_exc()
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+
+
+def _log_reason(log: pathlib.Path, offset: int, status: int) -> str:
+    """One line for a run's failure in a subprocess: what it said last in its log (after
+    `offset`, where this attempt began), else how it ended."""
+    lines = [line.strip() for line in log.read_bytes()[offset:].decode(errors="replace")
+             .splitlines() if line.strip()]
+    said = [line[len("resnet-jax: "):] for line in lines if line.startswith("resnet-jax: ")]
+    if said:
+        reason = said[-1].removeprefix("error: ")
+    elif status < 0:
+        reason = f"killed by {signal.Signals(-status).name}"
+    else:
+        reason = lines[-1] if lines else "no output"
+    return f"{reason} (exit {status}; log: {log})"
+
+
+def _run_in_subprocesses(queue: list[Run], root: pathlib.Path, slots: list[Slot],
+                         progress: Progress, failed: dict) -> None:
+    """Trains `queue`, one run per slot at a time, each with its slot's environment. SIGTERM or SIGINT to the sweep starts nothing
+    new and goes on to every run, which checkpoints and stops; the sweep waits for each, then
+    raises Stopped, leaving no run behind. A run stopped by a signal of its own starts nothing
+    new either."""
+    running, received, told, stopped = progress.running, [], set(), {}
+    free = list(slots)
+
+    def pass_on(signum=None, frame=None):
+        if signum is not None and not received:
+            received.append(signum)
+        for name, (proc, *_) in list(running.items()) if received else []:
+            if name not in told:
+                proc.send_signal(received[0])
+                told.add(name)
+
+    previous = {s: signal.signal(s, pass_on) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while queue or running:
+            if received or stopped:
+                queue.clear()
+            while queue and free:
+                run, slot = queue.pop(0), free.pop(0)
+                workdir = root / run.name
+                workdir.mkdir(parents=True, exist_ok=True)
+                (workdir / FAILURE).unlink(missing_ok=True)
+                log = open(workdir / "log.txt", "ab")
+                offset = (workdir / "log.txt").stat().st_size
+                log.write(f"[sweep] {run.name} on {slot.describe()}\n".encode())
+                log.flush()
+                env = dict(os.environ, PYTHONPATH=str(REPO), **slot.env)
+                running[run.name] = (subprocess.Popen(run.command(workdir), stdout=log,
+                                                      stderr=subprocess.STDOUT, env=env),
+                                     log, offset, slot)
+                progress.report()
+            pass_on()  # also to a run started just as the signal came
+            time.sleep(1)
+            for name, (proc, log, offset, slot) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                free.append(slot)
+                status = proc.returncode
+                if status == 0:
+                    progress.finished(name)
+                elif status in STOP_SIGNALS:
+                    stopped[name] = status
+                    del running[name]
+                else:
+                    failed[name] = _log_reason(root / name / "log.txt", offset, status)
+                    print(f"[sweep] {name} failed: {failed[name]}", flush=True)
+                    _record_failure(root / name, failed[name])
+                    progress.failed(name)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for proc, log, *_ in running.values():  # only after an error in this loop
+            proc.send_signal(signal.SIGTERM)
+            proc.wait()
+            log.close()
+    if received or stopped:
+        signum = received[0] if received else STOP_SIGNALS[next(iter(stopped.values()))]
+        what = {signal.SIGINT: "interrupted", signal.SIGTERM: "preempted"}
+        said = ", ".join(f"run {name} was {what[STOP_SIGNALS[status]]} (exit {status})"
+                         for name, status in stopped.items())
+        raise Stopped(f"{said or f'{what[signum]} ({signal.Signals(signum).name})'}: see each "
+                      f"run's log.txt under {root}; rerun the sweep to finish what is missing",
+                      128 + signum, root, failed)
