@@ -4,7 +4,9 @@ grain pipeline, each process reading only the examples its own devices train on.
 CIFAR-sized sets live on the devices (data.py). ImageNet's 1.28M JPEGs do not, so here every
 process reads its share of each batch from `tfds.data_source` (ArrayRecord: random access, no
 TensorFlow), decodes, crops and flips it in threads (or grain worker processes), and hands
-uint8 batches to the devices, which subtract the mean.
+uint8 batches to the devices, which subtract the mean. The images arrive still encoded and are
+decoded by the crop itself (`crop`), which reads a JPEG's size from its header first and decodes
+it at 1/2, 1/4 or 1/8 scale where the crop keeps enough pixels (JPEG draft mode).
 
 Batches are functions of (seed, step), as on the devices:
   - global example position g = step * batch_size + row of the batch; grain's shuffle + repeat
@@ -24,6 +26,7 @@ Preparing imagenet2012 (once, on a machine with the ILSVRC2012 tars; TFDS cannot
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -56,7 +59,9 @@ def source(name: str, split: str, data_dir: str | None = None) -> Sequence[dict]
 
     data_dir = data_dir and os.path.expanduser(data_dir)
     try:
-        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        # The images stay encoded here: the crop decodes them (`crop`), a JPEG in draft mode.
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                                decoders={"image": tfds.decode.SkipDecoding()})
     except (KeyError, NotImplementedError, FileNotFoundError) as e:
         where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
         raise data.DataError(
@@ -76,16 +81,14 @@ def num_classes(name: str, data_dir: str | None = None) -> int:
 # --- Per-example transforms (numpy and PIL on the host) --------------------------------------
 
 
-def _rgb(image: np.ndarray) -> np.ndarray:
-    return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
-
-
-def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator, *,
+def random_resized_crop(image, size: int, rng: np.random.Generator, *,
                         area=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts: int = 10) -> np.ndarray:
     """A crop of 8-100 % of the image's area and aspect ratio 3/4-4/3, resized to size x size
     (the "scale augmentation" used for ResNets since Szegedy et al. 2015). After `attempts`
-    misses, the largest centred crop with an allowed aspect ratio."""
-    h, w = image.shape[:2]
+    misses, the largest centred crop with an allowed aspect ratio. `image`: uint8 (H, W, C), or
+    encoded (JPEG, PNG) bytes, decoded by `crop`; the random draws depend only on its size."""
+    image = _open(image)
+    w, h = image.size
     for _ in range(attempts):
         target = h * w * rng.uniform(*area)
         aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
@@ -100,21 +103,49 @@ def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator, 
         elif w / h > ratio[1]:
             cw = round(h * ratio[1])
         x0, y0 = (w - cw) // 2, (h - ch) // 2
-    return _resize(image, (x0, y0, x0 + cw, y0 + ch), size)
+    return crop(image, (x0, y0, x0 + cw, y0 + ch), size)
 
 
-def center_crop(image: np.ndarray, size: int) -> np.ndarray:
-    """The evaluation view: the central size/0.875 square of the shorter side, resized to size."""
-    h, w = image.shape[:2]
+def center_crop(image, size: int) -> np.ndarray:
+    """The evaluation view: the central size/0.875 square of the shorter side, resized to size.
+    `image` as for `random_resized_crop`."""
+    image = _open(image)
+    w, h = image.size
     side = min(h, w) * CROP_FRACTION
     x0, y0 = (w - side) / 2, (h - side) / 2
-    return _resize(image, (x0, y0, x0 + side, y0 + side), size)
+    return crop(image, (x0, y0, x0 + side, y0 + side), size)
 
 
-def _resize(image: np.ndarray, box, size: int) -> np.ndarray:
-    # One PIL call crops and resizes (bilinear, antialiased when shrinking).
-    out = Image.fromarray(_rgb(image)).resize((size, size), Image.BILINEAR, box=box)
-    return np.asarray(out)
+def _open(image) -> Image.Image:
+    """Encoded bytes opened lazily (only the header is read, so the size is known before any
+    decoding), or a uint8 (H, W, C) array as an RGB image."""
+    if isinstance(image, bytes):
+        return Image.open(io.BytesIO(image))
+    return Image.fromarray(np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image)
+
+
+def crop(image: Image.Image, box, size: int) -> np.ndarray:
+    """`box` (x0, y0, x1, y1) of `image` resized to size x size, bilinear and antialiased
+    when shrinking, as uint8 RGB.
+
+    An undecoded JPEG is decoded at scale 1/s, s the largest of 8, 4, 2 (1: full size) that
+    still leaves the box at least `size` pixels on each side: libjpeg scales in the DCT domain
+    (`Image.draft`), which costs less than decoding every pixel, and the resize still only
+    shrinks. Below 2 x size per side (most crops of ImageNet's 500x375 images at 224) the JPEG
+    is decoded whole, as before.
+    """
+    x0, y0, x1, y1 = box
+    fits = min(x1 - x0, y1 - y0) / size  # how many times the box could shrink and still fit
+    s = next((s for s in (8, 4, 2) if fits >= s), 1)
+    if s > 1:
+        w, h = image.size
+        drafted = image.draft(None, (w // s, h // s))  # None unless an undecoded JPEG
+        if drafted is not None:
+            scale = w / drafted[1][2]  # = s: Image.draft keeps the largest scale <= w / (w // s)
+            box = tuple(c / scale for c in box)
+    if image.mode != "RGB":  # grayscale or CMYK JPEGs
+        image = image.convert("RGB")
+    return np.asarray(image.resize((size, size), Image.BILINEAR, box=box))
 
 
 @dataclasses.dataclass(frozen=True)

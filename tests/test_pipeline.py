@@ -2,6 +2,7 @@
 per-process shares of the grain pipeline, and ImageNet configs training on TFDS mock data on 8
 simulated devices and on a prepared array_record copy with 2 local processes.
 """
+import io
 import json
 import pathlib
 import subprocess
@@ -11,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from PIL import Image, JpegImagePlugin
 
 from resnet_jax import checkpoint, data, pipeline, train
 from resnet_jax.configs import imagenet
@@ -56,7 +58,7 @@ def test_random_resized_crop_covers_8_to_100_percent_at_allowed_aspect_ratios():
     np.testing.assert_array_equal(a, b)
     # area=(1, 1), ratio=(6/5, 6/5) on a 6:5 image: the whole image, resized.
     whole = pipeline.random_resized_crop(image, 32, rng, area=(1, 1), ratio=(1.2, 1.2))
-    np.testing.assert_array_equal(whole, pipeline._resize(image, (0, 0, w, h), 32))
+    np.testing.assert_array_equal(whole, pipeline.crop(Image.fromarray(image), (0, 0, w, h), 32))
 
 
 def test_random_resized_crop_falls_back_to_the_largest_allowed_centre_crop():
@@ -80,6 +82,100 @@ def test_center_crop_takes_the_central_square_of_the_shorter_side():
 def test_grayscale_images_become_rgb():
     out = pipeline.center_crop(np.full((40, 40, 1), 7, np.uint8), 8)
     assert out.shape == (8, 8, 3) and (out == 7).all()
+    for mode in ("L", "CMYK"):  # JPEGs that are not YCbCr decode to RGB too
+        gray = Image.fromarray(np.full((40, 40), 7, np.uint8)).convert(mode)
+        out = pipeline.center_crop(encoded(gray, quality=95), 8)
+        assert out.shape == (8, 8, 3) and out.dtype == np.uint8
+        assert np.abs(out.astype(int) - (np.asarray(gray.convert("RGB"))[:8, :8])).max() <= 2
+
+
+# --- Decoding JPEGs in the crop (draft mode) ------------------------------------------------
+
+
+def photo(h, w, seed=0):
+    """A smooth random picture with mild grain: a few random colours upsampled, plus noise."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), np.uint8)).resize((w, h),
+                                                                               Image.BICUBIC)
+    return np.clip(np.asarray(coarse) + rng.normal(0, 6, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def encoded(image, quality=90) -> bytes:
+    """`image` (an array or a PIL image) as JPEG bytes."""
+    out = io.BytesIO()
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(
+        out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
+def decoded(jpeg: bytes) -> np.ndarray:
+    """The whole JPEG as an array, as TFDS decodes it."""
+    return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+
+
+def test_a_jpeg_is_decoded_at_the_smallest_scale_that_keeps_the_crop_at_full_size(monkeypatch):
+    jpeg = encoded(photo(300, 400))
+    scales = []
+    draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        out = draft(self, mode, size)
+        scales.append(self.decoderconfig[0])
+        return out
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    whole = Image.fromarray(decoded(jpeg))
+    # Box sides over the output size: under 2 decodes in full, bit for bit as the array;
+    # 2-4 at 1/2; 4-8 at 1/4; 8 and more at 1/8 (a 37-pixel side at 1/8 still holds 32).
+    for box, size, scale in [((10, 20, 110, 100), 48, 1), ((0, 0, 399, 299), 150, 1),
+                             ((0, 0, 300, 300), 150, 2), ((50, 0, 350, 300), 64, 4),
+                             ((0, 0, 400, 300), 37, 8)]:
+        scales.clear()
+        out = pipeline.crop(Image.open(io.BytesIO(jpeg)), box, size)
+        full = pipeline.crop(whole, box, size)
+        assert out.shape == (size, size, 3) and out.dtype == np.uint8
+        assert scales == ([] if scale == 1 else [scale])
+        if scale == 1:
+            np.testing.assert_array_equal(out, full)
+        else:  # DCT-domain shrinking then bilinear, against bilinear alone: close, not equal
+            diff = np.abs(out.astype(float) - full)
+            assert 0 < diff.mean() < 1.5 and diff.max() < 12, (box, diff.mean(), diff.max())
+
+
+def test_crops_of_jpeg_bytes_follow_the_seed_and_match_crops_of_the_decoded_image():
+    jpegs = [encoded(photo(240 + 40 * (i % 3), 320 + 60 * (i % 2), seed=i)) for i in range(12)]
+    from_bytes, from_arrays = [], []
+    for seed in range(3):
+        for i, jpeg in enumerate(jpegs):
+            a = pipeline.random_resized_crop(jpeg, 56, np.random.default_rng([seed, i]))
+            b = pipeline.random_resized_crop(jpeg, 56, np.random.default_rng([seed, i]))
+            np.testing.assert_array_equal(a, b)  # deterministic in the generator
+            from_bytes.append(a)
+            from_arrays.append(pipeline.random_resized_crop(decoded(jpeg), 56,
+                                                            np.random.default_rng([seed, i])))
+    x, y = np.stack(from_bytes).astype(float), np.stack(from_arrays).astype(float)
+    assert x.shape == y.shape == (36, 56, 56, 3)
+    # The same boxes (the draws depend on the size alone, read from the header), so the same
+    # pictures: per-crop means within a level, pixel statistics alike.
+    np.testing.assert_allclose(x.mean(axis=(1, 2, 3)), y.mean(axis=(1, 2, 3)), atol=1.0)
+    assert abs(x.std() - y.std()) < 0.02 * y.std()
+    assert np.abs(x - y).mean() < 2.0
+    # Some crops decoded at 1/2 or less (not equal), some in full (equal to the array's).
+    equal = [np.array_equal(a, b) for a, b in zip(x, y)]
+    assert 0 < sum(equal) < len(equal)
+
+
+def test_the_stream_over_jpeg_bytes_is_deterministic_per_seed():
+    source = [{"image": encoded(photo(200, 260, seed=i)), "label": i} for i in range(8)]
+    stream = dict(STREAM, batch_size=4, image_size=32, num_steps=4)
+    one = [take(b) for b in pipeline.iterate(pipeline.train_stream(source, **stream), threads=1)]
+    two = [take(b) for b in pipeline.iterate(pipeline.train_stream(source, **stream), threads=2)]
+    other = take(pipeline.train_stream(source, **dict(stream, seed=4))[0])
+    for a, b in zip(one, two, strict=True):
+        assert a["image"].shape == (4, 32, 32, 3)
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    assert not np.array_equal(one[0]["image"], other["image"])
 
 
 # --- Order and shares ------------------------------------------------------------------------
