@@ -45,7 +45,7 @@ from absl import flags
 from PIL import Image, JpegImagePlugin, features
 
 from resnet_jax import pipeline
-from resnet_jax.cli import ArgumentParser
+from resnet_jax.cli import ArgumentParser, int_list
 
 NAME = "imagenet2012"
 
@@ -320,10 +320,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
 def main(argv=None) -> int:
     parser = ArgumentParser("benchmarks.input_rate", __doc__)
     parser.add_argument("--data", required=True, help="folder of the images (made by --make)")
@@ -336,15 +332,13 @@ def main(argv=None) -> int:
     parser.add_argument("--per-image", type=int, default=512,
                         help="images in the one-thread measurement")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the one-thread measure")
-    parser.add_argument("--threads", default="1,2", help="thread counts to stream with")
-    parser.add_argument("--workers", default="1,2", help="grain worker counts to stream with")
+    parser.add_argument("--threads", type=int_list, default="1,2",
+                        help="thread counts to stream with")
+    parser.add_argument("--workers", type=int_list, default="1,2",
+                        help="grain worker counts to stream with")
     parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args(argv)
-    try:
-        threads, workers = _ints(args.threads), _ints(args.workers)
-    except ValueError:
-        parser.error(f"--threads={args.threads} --workers={args.workers}: pass comma-separated "
-                     "integers, e.g. --threads=1,2")
+    threads, workers = args.threads, args.workers
     if any(t < 1 for t in threads) or any(w < 1 for w in workers):
         parser.error("--threads and --workers take counts of 1 or more")
     for flag in ("size", "batch", "batches", "per_image", "rounds"):

@@ -28,7 +28,7 @@ import json
 import pathlib
 import sys
 
-from resnet_jax.cli import ArgumentParser
+from resnet_jax.cli import ArgumentParser, int_list
 from resnet_jax.configs import net_name
 
 CIFAR_SCHEDULE = (64_000, 128)  # iterations and batch of He et al. 2015, Sec. 4.2
@@ -179,14 +179,12 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _depths(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
 def main(argv=None) -> int:
     parser = ArgumentParser("benchmarks.time_model", __doc__)
-    parser.add_argument("--depths", default="20,56,110", help="CIFAR ResNet depths")
-    parser.add_argument("--imagenet-depths", default="50", help="ImageNet ResNet depths")
+    parser.add_argument("--depths", type=int_list, default="20,56,110",
+                        help="CIFAR ResNet depths")
+    parser.add_argument("--imagenet-depths", type=int_list, default="50",
+                        help="ImageNet ResNet depths")
     parser.add_argument("--dtypes", default="bfloat16,float32",
                         help="dtypes to predict (float32: on the H100 only)")
     parser.add_argument("--host-ms", type=float, default=1.35,
@@ -199,11 +197,7 @@ def main(argv=None) -> int:
                         help="resnet-jax bench --json output to fill the measured column")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
-    try:
-        cifar_depths, imagenet_depths = _depths(args.depths), _depths(args.imagenet_depths)
-    except ValueError:
-        parser.error(f"--depths={args.depths} --imagenet-depths={args.imagenet_depths}: pass "
-                     "comma-separated integers, e.g. --depths=20,56,110")
+    cifar_depths, imagenet_depths = args.depths, args.imagenet_depths
     dtypes = [d for d in args.dtypes.split(",") if d]
     if not dtypes or any(d not in H100 for d in dtypes):
         parser.error(f"--dtypes={args.dtypes}: pass bfloat16, float32 or both")

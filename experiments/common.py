@@ -9,6 +9,8 @@ from __future__ import annotations
 import pathlib
 import statistics
 
+SWEEP_JSON = "sweep.json"  # in a sweep's ROOT: what it declared, and its report's defaults
+
 
 def read_runs(root: pathlib.Path) -> list[dict]:
     """Every run directory under `root` (one holding config.json, summary.json or failure.json),

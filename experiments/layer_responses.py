@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax import data, models, train
-from resnet_jax.cli import ArgumentParser
+from resnet_jax.cli import ArgumentParser, int_list
 from resnet_jax.configs import net_name
 
 DEPTHS = (20, 56, 110)
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     parser = ArgumentParser("experiments.layer_responses", __doc__)
     parser.add_argument("--root", required=True, help="a degradation sweep's directory")
     parser.add_argument("--num-images", type=int, default=500, help="test images measured")
-    parser.add_argument("--depths", default=",".join(map(str, DEPTHS)),
+    parser.add_argument("--depths", type=int_list, default=",".join(map(str, DEPTHS)),
                         help="comma-separated depths to compare (Fig. 7: 20,56,110)")
     parser.add_argument("--precise-bn-images", type=int, default=1024,
                         help="training images to recompute BN statistics from before measuring "
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         parser.error(f"--num-images={args.num_images} must be positive and --precise-bn-images="
                      f"{args.precise_bn_images} at least 0 (0: running statistics)")
     root = pathlib.Path(args.root)
-    depths = {int(d) for d in args.depths.split(",")}
+    depths = set(args.depths)
     found = {}
     try:
         for run_dir in sorted(p.parent for p in root.glob("*/summary.json")):
@@ -111,7 +111,8 @@ def main(argv=None) -> int:
         print(f"layer_responses: error: {e}", file=sys.stderr)
         return 2
     if not found:
-        print(f"layer_responses: error: no finished depth-{args.depths} runs under {root}: run "
+        depths = ",".join(map(str, args.depths))
+        print(f"layer_responses: error: no finished depth-{depths} runs under {root}: run "
               "python -m experiments.sweep --sweep=experiments/sweeps/degradation.py first",
               file=sys.stderr)
         return 2

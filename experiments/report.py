@@ -37,11 +37,11 @@ import re
 import shutil
 import sys
 
-from experiments.common import converged, group_statistics, mean_std, not_converged, read_runs
+from experiments.common import (SWEEP_JSON, converged, group_statistics, mean_std, not_converged,
+                                read_runs)
 from resnet_jax.cli import ArgumentParser
 from resnet_jax.files import write_atomically
 
-SWEEP_JSON = "sweep.json"
 DEFAULT_METRIC = "test/error"
 HPARAMS_METRICS = ("train/error", "test/error", "val/error")
 # Settings stated above the table when every run shares them: what the numbers are at.

@@ -39,12 +39,12 @@ import pathlib
 import sys
 
 from experiments import placement
-from experiments.runner import FAILURE, Stopped, failures, is_finished, latest_checkpoint
+from experiments.common import SWEEP_JSON
+from experiments.runner import (FAILURE, REPO, Stopped, failures, is_finished,
+                                latest_checkpoint)
 from resnet_jax.cli import ArgumentParser
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "resnet_jax/configs/cifar.py"
-SWEEP_JSON = "sweep.json"  # in ROOT: what the sweep declared, and its report's defaults
 
 
 class SweepError(ValueError):
@@ -114,8 +114,15 @@ def _import(path: pathlib.Path, name: str):
     return module
 
 
+_config_modules = {}  # (path, mtime): the config file, run once however many runs it serves
+
+
 def _config_module(config: str):
-    return _import(_path(config, "config file"), "sweep_config")
+    path = _path(config, "config file")
+    key = (path, path.stat().st_mtime_ns)
+    if key not in _config_modules:
+        _config_modules[key] = _import(path, "sweep_config")
+    return _config_modules[key]
 
 
 def load_sweep(spec: str) -> Sweep:

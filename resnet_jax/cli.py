@@ -41,6 +41,16 @@ class ArgumentParser(argparse.ArgumentParser):
                   "--help\n")
 
 
+def int_list(text: str) -> list[int]:
+    """argparse `type=` for comma-separated integers (`--depths=20,56,110`); bad text is the
+    parser's one-line error naming the flag."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not comma-separated integers (e.g. 20,56,110)") from None
+
+
 class _RawTextWithDefaults(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):
         shown = not (action.default is None or action.default is False or action.default == []

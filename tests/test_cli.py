@@ -744,7 +744,7 @@ def test_output_to_a_reader_that_left_ends_quietly(argv):
 
 ENTRY_POINTS = ["experiments.sweep", "experiments.report", "experiments.layer_responses",
                 "benchmarks.accuracy_ab", "benchmarks.compare", "benchmarks.summary_time",
-                "benchmarks.xla_options"]
+                "benchmarks.xla_options", "benchmarks.input_rate", "benchmarks.time_model"]
 
 
 def documented_options(help_text: str) -> dict[str, str]:
@@ -789,6 +789,26 @@ def test_every_entry_point_refuses_a_stray_argument_in_one_line(capsys, tmp_path
     assert exit_.value.code == 2 and out == ""
     assert len(err.splitlines()) == 1 and "'total_steps=100'" in err, err
     assert err.startswith(f"{module.split('.')[1]}: error: ")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("module, args", [
+    ("experiments.layer_responses", ["--depths=20,5b"]),
+    ("benchmarks.input_rate", ["--data=unused", "--threads=1,two"]),
+    ("benchmarks.input_rate", ["--data=unused", "--workers=x"]),
+    ("benchmarks.time_model", ["--depths=20,x"]),
+    ("benchmarks.time_model", ["--imagenet-depths=5 0"])])
+def test_a_list_of_integers_that_is_not_is_one_line_naming_the_flag(capsys, tmp_path, module,
+                                                                    args):
+    """The comma-separated integer flags share one parse (resnet_jax.cli.int_list)."""
+    main_ = importlib.import_module(module).main
+    root = [f"--root={tmp_path}"] if module.startswith("experiments") else []
+    with pytest.raises(SystemExit) as exit_:
+        main_([*root, *args])
+    out, err = capsys.readouterr()
+    flag = args[-1].split("=")[0]
+    assert exit_.value.code == 2 and out == "" and len(err.splitlines()) == 1, err
+    assert f"argument {flag}: " in err and "comma-separated integers" in err, err
     assert list(tmp_path.iterdir()) == []
 
 
