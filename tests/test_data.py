@@ -64,6 +64,11 @@ def test_digits_is_a_deterministic_split_of_all_1797_sklearn_digits():
     digits = load_digits()
     scaled = np.round(digits.images * 255 / 16).astype(np.uint8)
     np.testing.assert_array_equal(rows(images, labels), rows(scaled, digits.target))
+    # In the same order as ever (data.py reads sklearn's file itself): runs trained before
+    # see the same training set.
+    order = np.random.default_rng(0).permutation(1797)
+    np.testing.assert_array_equal(images[..., 0], scaled[order])
+    np.testing.assert_array_equal(labels, digits.target[order])
     again = data.load("digits")
     assert_splits_equal(again.train, ds.train)
     assert_splits_equal(again.test, ds.test)
