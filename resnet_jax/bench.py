@@ -4,8 +4,12 @@ For each net: the real train step of `train.py` (the config's backend, devices, 
 diagnostics), compiled once and timed over `steps` steps on a batch already on the devices, so
 neither compilation nor the input pipeline is counted. Reported: images/s, ms per step, compile
 time (tracing, lowering and XLA's compilation; under pmap, the first step), model FLOPs per
-step (convolutions and matrix products, counted in the traced step), and the fraction of the
-device's peak where `PEAK_FLOPS` knows the device.
+step (convolutions and matrix products, counted in the traced step), the fraction of the
+device's peak where `PEAK_FLOPS` knows the device, and memory from XLA's analysis of the
+compiled step (`memory_analysis()`, per device): `mb_per_image`, its temporaries (the
+activations kept for the backward pass, and scratch) per image on a device, and `device_mb`,
+those plus its arguments and outputs (parameters, optimiser state, the batch; donated buffers
+once). Run it with `--config.dtype=float32` and `--config.dtype=bfloat16` to compare the two.
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ def measure(config, *, steps: int = 20, warmup: int = 2, num_seeds: int = 0) -> 
     `warmup`. images/s counts all seeds' batches."""
     backend, state, step, batch = prepare(config, num_seeds=num_seeds)
 
-    flops = None  # a backend that compiles at the first call (pmap): not counted here
+    flops = memory = None  # a backend that compiles at the first call (pmap): not counted here
     start = time.perf_counter()
     traced = backend.trace(step, state, batch)
     if traced is not None:
@@ -80,6 +84,7 @@ def measure(config, *, steps: int = 20, warmup: int = 2, num_seeds: int = 0) -> 
         # still holds the first layer's input gradient, which XLA drops: under 0.5 % at 20 layers.
         flops = 2.0 * summary.jaxpr_macs(traced.jaxpr.jaxpr)
         step = traced.lower().compile()
+        memory = step.memory_analysis()
     else:
         state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
@@ -92,6 +97,7 @@ def measure(config, *, steps: int = 20, warmup: int = 2, num_seeds: int = 0) -> 
 
     device = jax.devices()[0]
     peak = peak_flops(device.device_kind, config.dtype)
+    images_per_device = max(num_seeds, 1) * config.batch_size / backend.num_devices
     return {
         "net": net_name(config.depth, config.residual),
         "batch": config.batch_size, "seeds": max(num_seeds, 1), "dtype": config.dtype,
@@ -102,12 +108,17 @@ def measure(config, *, steps: int = 20, warmup: int = 2, num_seeds: int = 0) -> 
         "achieved_tflops": flops / seconds / 1e12 if flops else None,
         "fraction_of_peak": flops / seconds / (peak * backend.num_devices)
         if flops and peak else None,
+        "mb_per_image": memory.temp_size_in_bytes / images_per_device / 2**20
+        if memory else None,
+        "device_mb": (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                      - memory.alias_size_in_bytes + memory.temp_size_in_bytes) / 2**20
+        if memory else None,
     }
 
 
 def markdown(rows: list[dict]) -> str:
     cols = ["net", "batch", "seeds", "dtype", "devices", "images_per_sec", "ms_per_step", "compile_s",
-            "gflops_per_step", "achieved_tflops", "fraction_of_peak"]
+            "gflops_per_step", "achieved_tflops", "fraction_of_peak", "mb_per_image", "device_mb"]
     def fmt(v):
         if isinstance(v, float):
             return f"{v:,.1f}" if abs(v) >= 10 else f"{v:.3g}"

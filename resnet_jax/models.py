@@ -13,6 +13,11 @@ Call a model as `model(images, train=True|False)`, or `forward(model, images, tr
 the logits and the depth diagnostics (Fig. 7 responses, branch ratios); NHWC images, float32
 logits.
 
+`dtype` is the compute dtype of the convolutions and the activations between them (bfloat16 for
+speed on accelerators). Whatever it is, parameters and batch-norm statistics are float32, batch
+norm computes in float32, and the pooled features, the classifier and the logits are float32,
+so the loss, the gradients and the optimiser state are too (tests/test_bf16.py).
+
 Two choices serve speed, not the paper, and live in their own modules: `scan_blocks=True` runs
 each stretch of identical blocks under one `jax.lax.scan` (scan.py: the same numbers, compile
 time flat in depth), and `convolution` is the convolution every conv layer calls, which the
@@ -22,6 +27,7 @@ training side picks for its platform (xla_cpu.py: the same numbers, faster gradi
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -77,37 +83,50 @@ class BatchNorm(nnx.Module):
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         cfg = self.config
-        x32 = x.astype(jnp.float32)
         if not train:
+            x32 = x.astype(jnp.float32)
             y = (x32 - self.mean[...]) * jax.lax.rsqrt(self.var[...] + cfg.epsilon)
             return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
-        group = cfg.group_size or x.shape[0]
-        if x.shape[0] % group:
-            raise ValueError(f"batch of {x.shape[0]} does not split into BN groups of {group}")
-        xg = x32.reshape(x.shape[0] // group, group, *x.shape[1:])
-        axes = tuple(range(1, xg.ndim - 1))
-        # One pass (E[x], E[x^2]) so that one all-reduce serves both moments across devices.
-        mean, mean_sq = jnp.mean(xg, axes), jnp.mean(jnp.square(xg), axes)
-        if cfg.axis_name is not None:
-            mean, mean_sq = jax.lax.pmean(
-                (mean, mean_sq), cfg.axis_name, axis_index_groups=cfg.axis_index_groups
-            )
-        var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
-        shape = (mean.shape[0],) + (1,) * (len(axes)) + (mean.shape[-1],)
-        # (x - mean) * a + bias with a = scale / std per channel: autodiff then keeps one
-        # activation-sized array (x - mean) for the backward pass instead of two, a pass less
-        # over memory (ResNet-20 train step on CPU: 171 -> 200 images/s). Subtracting first
-        # keeps grouped BN within 1e-5 across backends, where x * a + (bias - mean * a) did not.
-        a = self.scale[...] * jax.lax.rsqrt(var + cfg.epsilon)
-        y = ((xg - mean.reshape(shape)) * a.reshape(shape)).reshape(x.shape) + self.bias[...]
-
+        normalize = functools.partial(_normalize, config=cfg)
+        if x.dtype != jnp.float32:
+            # Autodiff would keep float32 activations ((x - mean), and x for E[x^2]) for the
+            # backward pass, the bulk of what a bfloat16 net keeps: 0.76x the bytes of float32's
+            # (ResNet-20). Recomputed from x instead: 0.41x (benchmarks/RESULTS.md). float32
+            # nets keep them, as before.
+            normalize = jax.checkpoint(normalize)
+        y, mean, var = normalize(x, self.scale[...], self.bias[...])
         m = cfg.momentum
         # set_value, not `[...] =`: Flax's indexed assignment reads the new value's `sharding`,
         # which on a JAX tracer builds an error message by walking the whole program traced so
         # far, making an unrolled net's tracing quadratic in depth (minutes at 1202 layers).
         self.mean.set_value(m * self.mean[...] + (1 - m) * mean.mean(0))
         self.var.set_value(m * self.var[...] + (1 - m) * var.mean(0))
-        return y.astype(x.dtype)
+        return y
+
+
+def _normalize(x, scale, bias, *, config: BatchNormConfig):
+    """Batch norm in training, in float32: (y in x's dtype, mean and variance per group)."""
+    x32 = x.astype(jnp.float32)
+    group = config.group_size or x.shape[0]
+    if x.shape[0] % group:
+        raise ValueError(f"batch of {x.shape[0]} does not split into BN groups of {group}")
+    xg = x32.reshape(x.shape[0] // group, group, *x.shape[1:])
+    axes = tuple(range(1, xg.ndim - 1))
+    # One pass (E[x], E[x^2]) so that one all-reduce serves both moments across devices.
+    mean, mean_sq = jnp.mean(xg, axes), jnp.mean(jnp.square(xg), axes)
+    if config.axis_name is not None:
+        mean, mean_sq = jax.lax.pmean(
+            (mean, mean_sq), config.axis_name, axis_index_groups=config.axis_index_groups
+        )
+    var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+    shape = (mean.shape[0],) + (1,) * (len(axes)) + (mean.shape[-1],)
+    # (x - mean) * a + bias with a = scale / std per channel: autodiff then keeps one
+    # activation-sized array (x - mean) for the backward pass instead of two, a pass less
+    # over memory (ResNet-20 train step on CPU: 171 -> 200 images/s). Subtracting first
+    # keeps grouped BN within 1e-5 across backends, where x * a + (bias - mean * a) did not.
+    a = scale * jax.lax.rsqrt(var + config.epsilon)
+    y = ((xg - mean.reshape(shape)) * a.reshape(shape)).reshape(x.shape) + bias
+    return y.astype(x.dtype), mean, var
 
 
 def conv(cin: int, cout: int, k: int, stride: int, dtype, rngs: nnx.Rngs, *,
@@ -242,7 +261,7 @@ class ResNet(nnx.Module):
         self.blocks = nnx.List(entries)
         self.stage_of_block = tuple(stages)  # the stage of each entry of `blocks`
         self.head_bn = BatchNorm(cin, bn) if preact else None
-        self.head = nnx.Linear(cin, num_classes, dtype=dtype, rngs=rngs)
+        self.head = nnx.Linear(cin, num_classes, dtype=jnp.float32, rngs=rngs)
 
     def __call__(self, x, *, train: bool):
         x = self.stem(x.astype(self.dtype))
@@ -257,8 +276,10 @@ class ResNet(nnx.Module):
             x = block(x, train=train)
         if self.head_bn is not None:
             x = nnx.relu(self.head_bn(x, train=train))
-        x = jnp.mean(x, axis=(1, 2))
-        return self.head(x).astype(jnp.float32)
+        # Pooling and the classifier in float32: in bfloat16 the logits would carry 3
+        # significant digits into the loss, and the classifier's bias gradient would be summed
+        # over the batch in bfloat16.
+        return self.head(jnp.mean(x.astype(jnp.float32), axis=(1, 2)))
 
 
 def cifar_resnet(depth: int, *, width: int = 1, base_width: int = 16, bottleneck: bool = False,

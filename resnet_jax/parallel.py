@@ -174,6 +174,11 @@ class Backend:
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, P())
 
+    @property
+    def state_sharding(self) -> NamedSharding:
+        """How the compiled steps hold the train state (`put_state`'s layout)."""
+        return self.replicated
+
     def batch_norm_groups(self, group_size: int) -> dict:
         """Which examples share batch-norm statistics when the net sees this backend's batches,
         as keyword arguments of `models.BatchNormConfig` (group_size, axis_name,
@@ -248,6 +253,43 @@ class Backend:
         """Wraps a pure `(state, batch) -> (state, metrics)` for this backend."""
         raise NotImplementedError
 
+    def map_step(self, train_step):
+        """A pure `(state, batch) -> (state, metrics)` over this backend's devices (and seeds),
+        to be traced inside a compiled program (`compile_steps`)."""
+        raise NotImplementedError
+
+    def compile_steps(self, train_step, batch_of, max_steps: int):
+        """Up to `max_steps` train steps in one compiled call, for one dispatch from the host
+        instead of one per step: `(state, data, first, count) -> (state, metrics)` runs steps
+        first..first+count-1 (1 <= count <= max_steps; `count` is traced, so one program serves
+        every length), each on the batch `batch_of(data, step)` computed inside the call, and
+        returns the metrics of step first+i in row i of a leading axis of `max_steps` (the rows
+        from `count` on are zeros). The numbers of `count` calls of `compile_step` on those
+        batches, bit for bit on CPU (tests/test_steps_per_call.py)."""
+        step = self.map_step(train_step)
+
+        def one(state, data, t):
+            return step(state, batch_of(data, t))
+
+        def steps(state, data, first, count):
+            shapes = jax.eval_shape(one, state, data, first)[1]
+            rows = jax.tree.map(lambda s: jnp.zeros((max_steps, *s.shape), s.dtype), shapes)
+
+            def body(i, carry):
+                state, rows = carry
+                state, metrics = one(state, data, first + i)
+                return state, jax.tree.map(lambda r, m: r.at[i].set(m), rows, metrics)
+
+            return jax.lax.fori_loop(0, count, body, (state, rows))
+
+        return jax.jit(steps, out_shardings=(self.state_sharding, self.replicated),
+                       donate_argnums=0, compiler_options=self.step_compiler_options)
+
+    @property
+    def step_compiler_options(self) -> dict | None:
+        """The XLA options `compile_step`'s program compiles with, and so `compile_steps'`."""
+        return self.compiler_options
+
     def trace(self, step, state, batch):
         """The compiled `step`'s program traced for (state, batch) (`jax.jit(...).trace`, for
         counting FLOPs and compiling ahead of time), or None where the backend compiles at the
@@ -265,9 +307,13 @@ class JitBackend(Backend):
         return {"group_size": group_size or self.batch_size}
 
     def compile_step(self, train_step):
-        return jax.jit(self.map_seeds(train_step), in_shardings=(self.replicated, self.data_sharding),
+        return jax.jit(self.map_step(train_step),
+                       in_shardings=(self.replicated, self.data_sharding),
                        out_shardings=(self.replicated, self.replicated), donate_argnums=0,
                        compiler_options=self.compiler_options)
+
+    def map_step(self, train_step):
+        return self.map_seeds(train_step)
 
     def trace(self, step, state, batch):
         return step.trace(state, batch)
@@ -303,16 +349,35 @@ class PmapBackend(Backend):
         return {"axis_name": PMAP_AXIS,
                 "axis_index_groups": None if per_group == self.num_devices else groups}
 
+    @property
+    def state_sharding(self) -> NamedSharding:
+        # The leading device axis split over the devices, named as pmap names it in the state
+        # it returns: the step's second call then takes the layout of its first and does not
+        # compile again (with the mesh's `data` axis it did, doubling the compile time).
+        mesh = jax.sharding.Mesh(self.mesh.devices, (PMAP_AXIS,))
+        return NamedSharding(mesh, P(PMAP_AXIS))
+
     def put_state(self, state):
         # One copy per device, stacked on a leading device axis.
         stack = lambda x: jnp.broadcast_to(x, (self.num_devices, *x.shape))  # noqa: E731
-        return jax.jit(lambda s: jax.tree.map(stack, s), out_shardings=self.data_sharding)(state)
+        return jax.jit(lambda s: jax.tree.map(stack, s), out_shardings=self.state_sharding)(state)
 
     def get_state(self, state):
         return jax.device_put(jax.tree.map(lambda x: x[0], state), self.replicated)
 
+    @property
+    def step_compiler_options(self) -> dict | None:
+        return None  # jax.pmap takes none: its step compiles with XLA's defaults
+
     def compile_step(self, train_step):
-        mapped = jax.pmap(train_step, axis_name=PMAP_AXIS, donate_argnums=0,
+        return self._pmapped(train_step, donate_argnums=0)
+
+    def map_step(self, train_step):
+        # The pmap traced into `compile_steps`' program, whose jit donates the state.
+        return self._pmapped(train_step, donate_argnums=())
+
+    def _pmapped(self, train_step, donate_argnums):
+        mapped = jax.pmap(train_step, axis_name=PMAP_AXIS, donate_argnums=donate_argnums,
                           devices=list(self.mesh.devices.flat))
         split = jax.jit(
             lambda b: jax.tree.map(lambda x: x.reshape(self.num_devices, -1, *x.shape[1:]), b),

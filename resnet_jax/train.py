@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.extend import core as jax_core
 
 from resnet_jax import data, models, parallel, pipeline, xla_cpu
 from resnet_jax.checkpoint import (Checkpointer, NoneReadable, Preempted, PreemptionWatch,
@@ -35,7 +36,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 RESUMABLE_KEYS = {"total_steps", "log_every_steps", "log_diagnostics", "eval_every_steps",
                   "eval_subset", "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size",
                   "parallelism", "num_devices", "tfds_data_dir", "not_converged_fraction_of_chance",
-                  "input_threads", "input_workers", "profile_steps"}
+                  "input_threads", "input_workers", "profile_steps", "steps_per_call"}
 
 
 class ConfigError(ValueError):
@@ -103,6 +104,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     need(not profile or profile[0] < config.total_steps,
          f"profile_steps={profile} starts at or past total_steps={config.total_steps}: pick "
          "steps the run trains")
+    steps_per_call = config.get("steps_per_call", 1)
+    need(isinstance(steps_per_call, int) and steps_per_call > 0,
+         f"steps_per_call={steps_per_call} must be a positive integer (1 = one compiled call "
+         "per train step)")
+    # Streamed batches come from host threads one at a time, and a step long enough to stream
+    # for (ResNet-50 on ImageNet) is far longer than the ~1 ms a call costs the host.
+    need(steps_per_call == 1 or not pipeline.is_streamed(config.dataset),
+         f"steps_per_call={steps_per_call} needs a dataset on the devices, but {config.dataset} "
+         "is streamed from the hosts (its steps are long enough not to need it): use 1")
     need(0 < config.not_converged_fraction_of_chance <= 1,
          f"not_converged_fraction_of_chance={config.not_converged_fraction_of_chance} must be "
          "in (0, 1] (0.9: a final training error of 90 % of chance's or more did not train)")
@@ -331,6 +341,14 @@ def create_training(config, backend: parallel.Backend, *, num_classes: int, in_c
     With several seeds in one program (`backend.seeds`), the state holds one independently
     initialised net per seed, stacked on the seed axis, and the step trains them all at once.
     """
+    graphdef, state, train_step = make_training(config, backend, num_classes=num_classes,
+                                                in_channels=in_channels)
+    return graphdef, state, backend.compile_step(train_step)
+
+
+def make_training(config, backend: parallel.Backend, *, num_classes: int, in_channels: int):
+    """`create_training` with the pure train step, not yet compiled (for
+    `backend.compile_step` or `backend.compile_steps`)."""
     bn = models.BatchNormConfig(momentum=config.bn_momentum,
                                 **backend.batch_norm_groups(config.bn_group_size))
     schedule = create_lr_schedule(config)
@@ -341,9 +359,53 @@ def create_training(config, backend: parallel.Backend, *, num_classes: int, in_c
     (graphdef, _), *_ = trained = [create_train_state(net, tx, schedule) for net in nets]
     state = backend.stack_runs([s for _, s in trained])  # one graph, the states stacked
     stages = nets[0].stage_of_block if config.log_diagnostics else None
-    step = backend.compile_step(make_train_step(graphdef, tx, schedule, backend.axis_name,
-                                                stages))
+    step = make_train_step(graphdef, tx, schedule, backend.axis_name, stages)
     return graphdef, jax.device_put(state, backend.replicated), step
+
+
+class TrainCalls:
+    """The train steps as the loop calls them: `calls(state, first, count)` runs steps
+    first..first+count-1 and returns (state, metrics), `per_step(fetched, count)` the fetched
+    metrics as one dict per step.
+
+    `steps_per_call=1`: one compiled call per step on the batch `feed.train_batch(step)` (and
+    a second for cutting that batch). K > 1: up to K steps per call (`Backend.compile_steps`),
+    each batch cut inside the call by the feed's own computation, so the host dispatches once
+    per K steps; the same numbers, bit for bit on CPU (tests/test_steps_per_call.py).
+    """
+
+    def __init__(self, config, backend: parallel.Backend, train_step, feed):
+        self.per_call, self.feed = config.get("steps_per_call", 1), feed
+        if self.per_call == 1:
+            self._step = backend.compile_step(train_step)
+        else:
+            batch_of, self._data = traced_batches(feed)
+            self._steps = backend.compile_steps(train_step, batch_of, self.per_call)
+
+    def __call__(self, state, first: int, count: int):
+        if self.per_call == 1:
+            return self._step(state, self.feed.train_batch(first))
+        return self._steps(state, self._data, first, count)
+
+    def per_step(self, fetched: dict, count: int) -> list[dict]:
+        if self.per_call == 1:
+            return [fetched]
+        return [jax.tree.map(lambda rows: rows[i], fetched) for i in range(count)]
+
+
+def traced_batches(feed):
+    """(batch_of, data): the feed's batch computation `feed.train_batch(step)` as a pure
+    `batch_of(data, step)` of the device arrays it reads (`data`), to be traced into a compiled
+    program. Traced once with the step abstract; the arrays (the training set, its mean, the
+    keys) become arguments of the program rather than constants compiled into it."""
+    closed, shapes = jax.make_jaxpr(feed.train_batch, return_shape=True)(0)
+    tree = jax.tree.structure(shapes)
+
+    def batch_of(data, step):
+        return jax.tree.unflatten(tree, jax_core.jaxpr_as_fun(
+            jax_core.ClosedJaxpr(closed.jaxpr, data))(step))
+
+    return batch_of, list(closed.consts)
 
 
 def create_feed(config, backend: parallel.Backend):
@@ -559,9 +621,10 @@ class _Training:
                               "batch_size")
         facts = _dataset_facts(self.feed)
         _lock_workdirs(held, configs, workdirs, facts)
-        graphdef, state, self.train_step = create_training(
+        graphdef, state, train_step = make_training(
             config, backend, num_classes=self.feed.num_classes,
             in_channels=self.feed.in_channels)
+        self.calls = TrainCalls(config, backend, train_step, self.feed)
         self.checkpointers = [Checkpointer(w / "checkpoints", keep=config.keep_checkpoints)
                               for w in workdirs]
         self.start, state = _restore(self.checkpointers, workdirs, backend, state, restart,
@@ -586,42 +649,62 @@ class _Training:
         self._evaluate_lost_final_records()
 
     def loop(self) -> None:
-        """step -> log -> evaluate -> save, from the runs' common step to `total_steps`."""
+        """call -> log -> evaluate -> save, from the runs' common step to `total_steps`; each
+        call trains up to `steps_per_call` steps (`TrainCalls`) and ends where a step is logged,
+        evaluated or saved (`_call_end`)."""
         config, pending, watch = self.config, [], PreemptionWatch()
         try:
-            for step in range(self.start, config.total_steps):
+            step = self.start
+            while step < config.total_steps:
+                done = self._call_end(step)
                 with self.profile.step(step):
-                    self.state, metrics = self.train_step(self.state, self.feed.train_batch(step))
-                self.profile.stepped(step, (self.state, metrics))
-                pending.append(metrics)
+                    self.state, metrics = self.calls(self.state, step, done - step)
+                self.profile.stepped(done - 1, (self.state, metrics))
+                pending.append((metrics, done - step))  # on the device until a record needs it
                 if len(pending) > 2:
-                    # Let the host run at most two steps ahead: a deeper queue gains nothing, and
+                    # Let the host run at most two calls ahead: a deeper queue gains nothing, and
                     # on simulated CPU devices it can starve a device of threads in a collective.
-                    jax.block_until_ready(pending[-3])
-                done = step + 1
+                    jax.block_until_ready(pending[-3][0])
                 self.clock.stepped(done, metrics)
                 last = done == config.total_steps
                 evaluate = done % config.eval_every_steps == 0 or last
                 save = done % config.checkpoint_every_steps == 0 or last
-                preempted = not last and watch.reached(done)  # every process asks at every step
+                preempted = not last and watch.reached(done)  # every process, at every call
                 if done % config.log_every_steps == 0 or evaluate:
-                    fetched, pending = jax.device_get(pending), []
+                    fetched, pending = self._fetch(pending), []
                     _check_finite(fetched, done)
                     speed = self.clock.speed(done)  # of the train steps alone: before evaluating
                     evaluated = (self.clock.aside("eval_seconds", self.evaluate, whole=last)
                                  if evaluate else None)
                     self.log(done, fetched, speed, evaluated)
                 if save or preempted:
-                    _check_finite(jax.device_get(pending), done)  # never checkpoint a NaN
+                    _check_finite(self._fetch(pending), done)  # never checkpoint a NaN
                     self.clock.aside("checkpoint_seconds", self.save, done)
                 if preempted:
                     raise Preempted(done, self.workdirs[0], watch.signum)
+                step = done
         finally:
             self.profile.close()  # a run stopped inside the window still leaves its trace
             self.feed.close()
             watch.close()
             for closable in (*self.checkpointers, *self.writers):
                 closable.close()
+
+    def _call_end(self, step: int) -> int:
+        """The step after the call that starts at `step`: `steps_per_call` steps later, or
+        sooner at the next step that ends the run, is logged, evaluated or saved, or starts or
+        ends the profile, so that those fall between calls (a call then trains fewer steps)."""
+        c = self.config
+        ends = [(step // every + 1) * every for every in
+                (c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps)]
+        ends += [end for end in self.profile.edges if end > step]
+        return min(step + self.calls.per_call, c.total_steps, *ends)
+
+    def _fetch(self, pending: list[tuple]) -> list[dict]:
+        """The metrics of the calls in `pending` on the host, one dict per step, in order."""
+        fetched = jax.device_get([metrics for metrics, _ in pending])
+        return [m for f, (_, count) in zip(fetched, pending)
+                for m in self.calls.per_step(f, count)]
 
     def log(self, done: int, fetched: list[dict], speed, evaluated: list[dict] | None) -> None:
         """Writes each run's record of the steps since the last (`fetched`, their metrics): loss
@@ -731,7 +814,8 @@ class _Profile:
     """`profile_steps=(first, end)`: a jax.profiler trace of train steps first..end-1 written
     to WORKDIR/profile (TensorBoard's profile plugin reads its .xplane.pb, ui.perfetto.dev its
     perfetto_trace.json.gz). Each step is a `train_step` step annotation with its number, so the
-    viewers mark and time the steps. Only the steps this run trains are traced: a resume past
+    viewers mark and time the steps (with `steps_per_call` > 1, each call: its steps together,
+    named by the first). Only the steps this run trains are traced: a resume past
     the window traces nothing, one inside it the rest, and a run ending inside it stops there.
 
     Process 0 traces (the profiler is per process and needs no other to take part; every
@@ -740,12 +824,16 @@ class _Profile:
 
     def __init__(self, config, workdir: pathlib.Path, start: int):
         first, end = config.get("profile_steps", ()) or (0, 0)
-        self.window = (range(max(first, start), min(end, config.total_steps))
-                       if jax.process_index() == 0 else range(0))
+        steps = range(max(first, start), min(end, config.total_steps))
+        # Where the trace starts and stops, on every process alike (all make the same calls):
+        # calls of several steps end there.
+        self.edges = (steps.start, steps.stop) if steps else ()
+        self.window = steps if jax.process_index() == 0 else range(0)
         self.dir, self.tracing, self.last = workdir / "profile", False, None
 
     def step(self, step: int):
-        """Around one train step: starts the trace at the window's first step, names the step."""
+        """Around one call of the train step (one step, or with `steps_per_call` several, from
+        `step` on): starts the trace at the window's first step, names the call by `step`."""
         if step not in self.window:  # off (an empty window) or outside it: this test only
             return contextlib.nullcontext()
         if step == self.window.start:
@@ -755,8 +843,10 @@ class _Profile:
         return jax.profiler.StepTraceAnnotation("train_step", step_num=step)
 
     def stepped(self, step: int, outputs) -> None:
-        """After `step`'s dispatch: at the window's last step, waits for `outputs` so that the
-        device work is in the trace, then writes it."""
+        """After the dispatch of the call whose last step is `step`: at the window's last step,
+        waits for `outputs` so that the device work is in the trace, then writes it."""
+        if self.tracing:
+            self.last = step
         if self.tracing and step + 1 == self.window.stop:
             jax.block_until_ready(outputs)
             self.close()
