@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 
-from resnet_jax.cli import ArgumentParser
+from resnet_jax.cli import ArgumentParser, int_list
 
 
 def step_config(batch: int):
@@ -106,7 +106,8 @@ def loop_rate(steps_per_call: int, total_steps: int, batch: int) -> float:
 
 def main(argv=None) -> int:
     parser = ArgumentParser("benchmarks.host_overhead", __doc__)
-    parser.add_argument("--counts", default="8,32", help="steps per call K to compare with 1")
+    parser.add_argument("--counts", type=int_list, default="8,32",
+                        help="steps per call K to compare with 1")
     parser.add_argument("--batch", type=int, default=8, help="images per step")
     parser.add_argument("--calls", type=int, default=256,
                         help="steps timed per variant and round (a multiple of every K)")
@@ -114,17 +115,14 @@ def main(argv=None) -> int:
                         help="steps of each training-loop run (a multiple of every K)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved repetitions")
     args = parser.parse_args(argv)
-    try:
-        counts = [int(k) for k in args.counts.split(",")]
-    except ValueError:
-        counts = [0]
+    counts = args.counts
     if min(args.batch, args.rounds, args.calls, args.loop_steps) < 1:
         print(f"host_overhead: error: --batch, --rounds, --calls and --loop-steps must be "
               f"positive, not {args.batch}, {args.rounds}, {args.calls}, {args.loop_steps}: "
               "e.g. the defaults", file=sys.stderr)
         return 2
-    if min(counts) < 2 or any(args.calls % k or args.loop_steps % k for k in counts):
-        print(f"host_overhead: error: --counts={args.counts} must be integers >= 2 dividing "
+    if not counts or min(counts) < 2 or any(args.calls % k or args.loop_steps % k for k in counts):
+        print(f"host_overhead: error: --counts={','.join(map(str, counts))} must be integers >= 2 dividing "
               f"--calls={args.calls} and --loop-steps={args.loop_steps}: e.g. --counts=8,32",
               file=sys.stderr)
         return 2

@@ -744,7 +744,8 @@ def test_output_to_a_reader_that_left_ends_quietly(argv):
 
 ENTRY_POINTS = ["experiments.sweep", "experiments.report", "experiments.layer_responses",
                 "benchmarks.accuracy_ab", "benchmarks.compare", "benchmarks.summary_time",
-                "benchmarks.xla_options", "benchmarks.input_rate", "benchmarks.time_model"]
+                "benchmarks.xla_options", "benchmarks.input_rate", "benchmarks.time_model",
+                "benchmarks.host_overhead"]
 
 
 def documented_options(help_text: str) -> dict[str, str]:
@@ -797,7 +798,8 @@ def test_every_entry_point_refuses_a_stray_argument_in_one_line(capsys, tmp_path
     ("benchmarks.input_rate", ["--data=unused", "--threads=1,two"]),
     ("benchmarks.input_rate", ["--data=unused", "--workers=x"]),
     ("benchmarks.time_model", ["--depths=20,x"]),
-    ("benchmarks.time_model", ["--imagenet-depths=5 0"])])
+    ("benchmarks.time_model", ["--imagenet-depths=5 0"]),
+    ("benchmarks.host_overhead", ["--counts=8,3 2"])])
 def test_a_list_of_integers_that_is_not_is_one_line_naming_the_flag(capsys, tmp_path, module,
                                                                     args):
     """The comma-separated integer flags share one parse (resnet_jax.cli.int_list)."""
