@@ -38,3 +38,15 @@ def _isolated_compile_cache(tmp_path_factory):
         mp.setenv("RESNET_JAX_COMPILE_CACHE", str(shared / "jax-compile"))
         parallel.use_compilation_cache()
         yield
+
+
+# The test files that take longest first (minutes on 2 cores, in this order), so that
+# `pytest -n 2 --dist loadfile`, which hands whole files to whichever process is free, does not
+# start one of them last and leave the other process idle at the end.
+LONGEST_FIRST = ["test_experiments", "test_distributed", "test_models", "test_train",
+                 "test_cli", "test_faults", "test_pipeline"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: order within

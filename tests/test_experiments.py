@@ -174,8 +174,9 @@ def test_study_sweep_files_declare_the_papers_variants():
 
 
 def test_preact_sweep_smoke(tmp_path):
-    assert sweep.main(["--sweep=experiments/sweeps/preact.py:preset=smoke", f"--root={tmp_path}"
-                       ]) == 0
+    # One device a run: four nets to compile, and the 8-device path is the smoke_root's.
+    assert sweep.main(["--sweep=experiments/sweeps/preact.py:preset=smoke", f"--root={tmp_path}",
+                       "--config.num_devices=1"]) == 0
     rows = json.loads((tmp_path / "report.json").read_text())["table"]
     assert sorted((r["block"], r["depth"]) for r in rows) == [
         ("post", 8), ("post", 11), ("pre", 8), ("pre", 11)]
@@ -585,12 +586,20 @@ def readme_command(marker: str) -> list[str]:
 
 
 def test_the_readmes_two_key_grid_sweep_runs_end_to_end(tmp_path, capsys):
+    """The README's grid command as written, its root replaced and 20 of its 100 steps a run
+    (a later --config.KEY wins): its 8 runs train and report as 4 cells of 2 seeds."""
     argv = readme_command("python -m experiments.sweep --grid=")
     root = [a for a in argv if a.startswith("--root=")]
-    argv = [a for a in argv[3:] if a not in root] + [f"--root={tmp_path}"]
+    argv = [a for a in argv[3:] if a not in root] + [f"--root={tmp_path}",
+                                                     "--config.total_steps=20"]
     assert sweep.main(argv) == 0
     table = json.loads((tmp_path / "report.json").read_text())["table"]
     assert len(table) == 4 and {r["runs"] for r in table} == {2}  # 2 keys x 2 values, 2 seeds
+    configs = [json.loads(p.read_text()) for p in tmp_path.glob("*/config.json")]
+    assert sorted((c["depth"], c["learning_rate"], c["seed"]) for c in configs) == [
+        (d, lr, seed) for d in (8, 14) for lr in (0.02, 0.1) for seed in (0, 1)]
+    assert {(c["dataset"], c["total_steps"], c["log_every_steps"]) for c in configs} == {
+        ("digits", 20, 10)}
     assert (tmp_path / "hparams").is_dir()
 
 

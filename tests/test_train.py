@@ -93,6 +93,7 @@ def test_short_real_cifar10_run_learns(tmp_path):
                     "cifar10_jpeg/test/*/00??.jpg"], check=True)
     c = cifar.get_config(f"depth=8,dataset=folder:{tmp_path}/cifar10_jpeg")
     c.batch_size, c.total_steps, c.log_every_steps = 32, 240, 40
+    c.num_devices = 1  # 8 simulated devices of 4 images each would only slow it down
     c.eval_every_steps = c.checkpoint_every_steps = 120
     c.eval_subset = 200  # of the 1,000 test images; the final evaluation uses them all
     summary = train.train_and_evaluate(c, str(tmp_path / "run"))
