@@ -5,9 +5,6 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# A bounded compilation cache takes a file lock to read and write, so that the test processes
-# and the runs they start, sharing one cache (below), never read an entry half written.
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 * 2**30))
 
 import pathlib  # noqa: E402
 
@@ -26,16 +23,18 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_compile_cache(tmp_path_factory):
     """And its own compilation cache, set for the whole session: module-scoped fixtures train
-    (and compile) before any function-scoped fixture runs. The test processes (pytest -n 2)
-    share it, and use it themselves as `resnet-jax` does, not only in the runs they start: the
-    same small programs (a net's initialisation, a train step) compile again and again in
-    tests, and a cached program is the program compiled (test_cli.py checks that)."""
+    (and compile) before any function-scoped fixture runs. The test process uses it itself, as
+    `resnet-jax` does, not only in the runs it starts: the same small programs (a net's
+    initialisation, a train step) compile again and again in tests, and a cached program is the
+    program compiled (test_cli.py checks that). One cache per test process (pytest -n 2): JAX
+    writes entries without a lock (it locks only a bounded cache, which needs the `filelock`
+    package, not installed here), and another process compiling the same programs at the same
+    moment could read one half written."""
     from resnet_jax import parallel
 
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RESNET_JAX_COMPILE_CACHE", str(shared / "jax-compile"))
+        mp.setenv("RESNET_JAX_COMPILE_CACHE",
+                  str(tmp_path_factory.getbasetemp() / "jax-compile"))
         parallel.use_compilation_cache()
         yield
 
