@@ -7,12 +7,17 @@ Variants: `default` (the project's choice, `parallel.compiler_options`), `xla` (
 defaults) and each `--variant NAME=JSON`, whose options are added to the project's choice. All
 are compiled first; then every round times `--steps` steps of each variant in turn, so that the
 machine's drift hits them alike. Prints the median images/s per variant and its ratio to
-`default` (1 device, float32, no depth diagnostics).
+`default` (1 device, float32, no depth diagnostics), and what XLA made of it: whether the
+optimised program differs from `default`'s at all (an option this jaxlib accepts but does not act
+on leaves it the same: such a variant's ratio is noise), and which library each convolution and
+dot runs in (`programs`).
 """
 
 from __future__ import annotations
 
+import collections
 import json
+import re
 import statistics
 import sys
 
@@ -28,6 +33,38 @@ def parse_variant(text: str) -> tuple[str, dict] | None:
     except json.JSONDecodeError:
         parsed = None
     return (name, parsed) if isinstance(parsed, dict) else None
+
+
+def programs(hlo: str) -> str:
+    """Where an optimised CPU program's convolutions and dots run, e.g. 'conv: 20 eigen, 40 ynn;
+    dot: 2 ynn': the computations that back a library fusion (`__ynn_fusion`, `__onednn...`,
+    `__xnn...`) name it; the rest are XLA's own (Eigen) kernels."""
+    counts = collections.Counter()
+    library = {}  # computation name -> its library, from the fusions that call it
+    for line in hlo.splitlines():
+        target = re.search(r'"?kind"?[:=]"?(__\w+?)_fusion', line)
+        called = re.search(r"calls=(%?[\w.\-]+)", line)
+        if target and called:
+            library[called.group(1).lstrip("%")] = target.group(1).strip("_")
+    where = "eigen"
+    for line in hlo.splitlines():
+        head = re.match(r"\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+        if head:
+            where = library.get(head.group(1), "eigen")
+        for op in ("convolution", "dot"):
+            if re.search(rf"\s{op}\(", line):
+                counts[op, where] += 1
+    return "; ".join(f"{op}: " + ", ".join(f"{n} {lib}" for (o, lib), n in sorted(counts.items())
+                                          if o == op)
+                     for op in ("convolution", "dot") if any(o == op for o, _ in counts))
+
+
+def computations(hlo: str) -> str:
+    """An optimised program's computations, without its source locations (file and stack-frame
+    tables, `metadata={...}`): two compilations of one program from different call sites, or
+    one read back from the compilation cache, compare equal."""
+    body = hlo[hlo.find("\n%"):] if "\n%" in hlo else hlo[hlo.find("\nENTRY"):]
+    return re.sub(r", metadata=\{[^{}]*\}", "", body)
 
 
 def main(argv=None) -> int:
@@ -60,11 +97,12 @@ def main(argv=None) -> int:
 
     config = cifar.get_config(f"depth={args.depth}")
     config.batch_size, config.num_devices, config.log_diagnostics = args.batch, 1, False
-    runs = {}
+    runs, hlo = {}, {}
     for name, options in variants.items():
         try:
             _, state, step, batch = bench.prepare(config, xla_options=options)
             step = step.lower(state, batch).compile()
+            hlo[name] = step.as_text()
         except jax.errors.JaxRuntimeError as e:
             return fail(f"variant {name} does not compile ({str(e).splitlines()[0]}): "
                         "fix or drop its options")
@@ -83,11 +121,15 @@ def main(argv=None) -> int:
     reference = statistics.median(rates["default"])
     print(f"ResNet-{args.depth}, batch {args.batch}, {jax.devices()[0].device_kind}, "
           f"JAX {jax.__version__}, {args.rounds} rounds of {args.steps} steps")
-    print("| variant | median images/s | x default | per round |\n|---|---:|---:|---|")
+    print("| variant | median images/s | x default | per round | program | programs |\n"
+          "|---|---:|---:|---|---|---|")
     for name, values in rates.items():
         median = statistics.median(values)
+        same = "default" if name == "default" else (
+            "same as default" if computations(hlo[name]) == computations(hlo["default"])
+            else "differs")
         print(f"| {name} | {median:.1f} | {median / reference:.2f} | "
-              f"{', '.join(f'{v:.0f}' for v in values)} |")
+              f"{', '.join(f'{v:.0f}' for v in values)} | {same} | {programs(hlo[name])} |")
     return 0
 
 

@@ -644,6 +644,10 @@ def test_xla_options_ab_times_every_variant(capsys):
     assert set(rows) == {"default", "xla", "same"}
     assert float(rows["default"][2]) == 1.0
     assert all(len(r[3].split(", ")) == 2 for r in rows.values())  # one rate per round
+    # An option that changes nothing is told apart from one that does (XLA's defaults put
+    # convolutions in YNNPACK, the project's keep them in Eigen).
+    assert rows["same"][4] == "same as default" and rows["xla"][4] == "differs"
+    assert "ynn" not in rows["default"][5].split(";")[0] and "ynn" in rows["xla"][5], rows
 
 
 @pytest.mark.parametrize("argv, words", [
