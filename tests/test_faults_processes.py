@@ -17,8 +17,10 @@ import time
 import pytest
 
 from experiments import runner
+from tests.test_distributed import free_port
 from tests.test_experiments import alive, child_pids, sweep_file
-from tests.test_faults import REPO, checkpoint_steps, env, last_stderr_line, start, train
+from tests.test_faults import (REPO, checkpoint_steps, command, env, last_stderr_line, start,
+                               train)
 
 
 def wait_for_line(proc, text):
@@ -177,3 +179,31 @@ def test_a_killed_sweep_takes_its_runs_with_it(tmp_path, signum):
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
+
+# --- The processes of one job -----------------------------------------------------------------
+
+
+def start_job(workdir, *overrides_of_process_1):
+    """The 2 processes of one job on this machine (one CPU device each), as launch/local.sh
+    starts them, but process 1 with `overrides_of_process_1` added to its command line."""
+    port = free_port()
+    return [subprocess.Popen(command(workdir, *(overrides_of_process_1 if i else ())), cwd=REPO,
+                             env={**env(), "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i),
+                                  "JAX_COORDINATOR_ADDRESS": f"localhost:{port}"},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in (0, 1)]
+
+
+def test_processes_of_one_job_with_different_configs_all_stop_before_writing(tmp_path):
+    """Process 1 launched with another learning_rate: every process stops with one line naming
+    the key, exit 2, before anything is written. Before, both trained, process 1 with its own
+    rate unseen (config.json, written by process 0, said 0.1); another total_steps hung both."""
+    workdir = tmp_path / "run"
+    job = start_job(workdir, "--config.learning_rate=0.5")
+    for proc in job:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 2, err
+        assert last_stderr_line(err) == (
+            "resnet-jax: error: the processes of this job have different configs (process 1 "
+            "differs from process 0 in learning_rate): launch every process with the same command")
+    assert not workdir.exists()
