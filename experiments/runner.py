@@ -268,7 +268,9 @@ def _run_in_subprocesses(queue: list[Run], root: pathlib.Path, slots: list[Slot]
         while queue or running:
             if received or stopped:
                 queue.clear()
-            for run in [r for r in queue if free]:
+            for run in list(queue):
+                if not free:
+                    break
                 workdir = root / run.name
                 holder = WorkdirLock.holder(workdir)
                 if holder:
