@@ -16,7 +16,8 @@ after its colon, the others are overrides. `--config.KEY=VALUE` overrides every 
 Each run trains in ROOT/<name>, its name being its argument string (plus the overrides that tell
 it apart from a run of the same argument), so the directory says what ran. Rerunning a sweep
 trains only what is missing (finished runs are skipped, interrupted ones resume); a failed run is
-named with its reason and the others go on, with exit status 2 at the end. Once every run has
+named with its reason and the others go on, with exit status 2 at the end. A second sweep into a
+ROOT in use is refused (ROOT/sweep.lock; --index and --shard sweeps share it). Once every run has
 trained or failed, `experiments.report` writes the sweep's table and figures into ROOT (its
 defaults: ROOT/sweep.json, written here). Where runs train:
   (default)            one after another in this process, over every local device;

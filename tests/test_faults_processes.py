@@ -195,15 +195,17 @@ def start_job(workdir, *overrides_of_process_1):
 
 
 def test_processes_of_one_job_with_different_configs_all_stop_before_writing(tmp_path):
-    """Process 1 launched with another learning_rate: every process stops with one line naming
-    the key, exit 2, before anything is written. Before, both trained, process 1 with its own
-    rate unseen (config.json, written by process 0, said 0.1); another total_steps hung both."""
+    """Process 1 launched with another learning_rate and total_steps: every process stops with
+    one line naming the keys, exit 2, before anything is written. Before, another learning_rate
+    trained unseen (config.json, written by process 0, said 0.1); another total_steps hung the
+    job."""
     workdir = tmp_path / "run"
-    job = start_job(workdir, "--config.learning_rate=0.5")
+    job = start_job(workdir, "--config.learning_rate=0.5", "--config.total_steps=80")
     for proc in job:
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 2, err
         assert last_stderr_line(err) == (
             "resnet-jax: error: the processes of this job have different configs (process 1 "
-            "differs from process 0 in learning_rate): launch every process with the same command")
+            "differs from process 0 in learning_rate, total_steps): launch every process with the "
+            "same command")
     assert not workdir.exists()
