@@ -6,8 +6,9 @@ process (`slots=None`), or one subprocess per slot at a time (`placement.Slot`: 
 that pins a run to its devices; N unpinned slots are `--processes=N`). It prints progress over
 the whole sweep: runs done, failed, running, left, and the time left. A run that fails (a NaN, a
 bad dataset, a crash) is recorded in its directory's `failure.json` and the others train; the
-sweep then names each failed run with its reason and ends in `Stopped` (exit 2). SIGTERM or
-SIGINT to the sweep stops its runs at a checkpoint (tests/test_experiments.py).
+sweep then names each failed run with its reason and ends in `Stopped` (exit 2). SIGTERM,
+SIGINT or SIGHUP to the sweep stops its runs at a checkpoint (tests/test_experiments.py,
+tests/test_faults_processes.py).
 Declaring a sweep and its command line: experiments/sweep.py.
 """
 
@@ -23,6 +24,7 @@ import time
 import traceback
 from typing import TYPE_CHECKING
 
+from resnet_jax.cli import STOP_SIGNALS as SIGNAL_WORDS, stopped as signal_stopped
 from resnet_jax.files import write_atomically
 
 if TYPE_CHECKING:
@@ -31,10 +33,21 @@ if TYPE_CHECKING:
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FAILURE = "failure.json"  # in a run's directory: why its last attempt failed
-# A run's exit status when a signal stopped it: at a checkpoint (128 + the signal), or before its
-# training loop began (minus the signal).
-STOP_SIGNALS = {130: signal.SIGINT, 143: signal.SIGTERM,
-                -signal.SIGINT: signal.SIGINT, -signal.SIGTERM: signal.SIGTERM}
+# A run's exit status when a signal stopped it: 128 + the signal (at a checkpoint, or with its
+# line before the training loop), or minus the signal (ended by it before Python could answer).
+STOP_SIGNALS = {status: signum for signum in SIGNAL_WORDS
+                for status in (128 + signum, -signum)}
+# Runs the command of a run with the kernel's promise of a SIGTERM once the sweep's process ends,
+# however it ends (kill -9 included; PR_SET_PDEATHSIG, Linux): the run checkpoints and stops
+# rather than train on with no sweep to report it, and a rerun finds it stopped. The setting
+# survives the exec into the run; set here rather than in a preexec_fn, which forking a
+# multithreaded process makes unsafe. A run whose sweep ended before the setting took does not
+# start. Elsewhere (no prctl) the run starts as it is.
+_STOP_WITH_SWEEP = [sys.executable, "-c", "import ctypes, os, signal, sys\n"
+                    "try: ctypes.CDLL(None).prctl(1, signal.SIGTERM)\n"  # 1: PR_SET_PDEATHSIG
+                    "except AttributeError: pass\n"
+                    "if os.getppid() != int(sys.argv[1]): sys.exit(128 + signal.SIGTERM)\n"
+                    "os.execv(sys.argv[2], sys.argv[2:])"]
 
 
 class Stopped(Exception):
@@ -143,7 +156,14 @@ def run_sweep(runs: list[Run], configs: dict, root: pathlib.Path, *,
         raise ValueError(f"--seeds-per-program={seeds_per_program} with runs in subprocesses: "
                          "use 1, or more than 1 only with the runs in this process")
     root.mkdir(parents=True, exist_ok=True)
-    todo = [r for r in runs if not is_finished(root / r.name, configs[r.name].total_steps)]
+    todo = []
+    for run in runs:
+        if is_finished(root / run.name, configs[run.name].total_steps):
+            # Stale: recorded while the run trained on in a process no sweep watched, which
+            # then finished it.
+            (root / run.name / FAILURE).unlink(missing_ok=True)
+        else:
+            todo.append(run)
     progress = Progress(len(runs), {r.name: configs[r.name] for r in todo})
     progress.report()
     failed: dict[str, str] = {}
@@ -224,11 +244,15 @@ def _log_reason(log: pathlib.Path, offset: int, status: int) -> str:
 
 def _run_in_subprocesses(queue: list[Run], root: pathlib.Path, slots: list[Slot],
                          progress: Progress, failed: dict) -> None:
-    """Trains `queue`, one run per slot at a time, each with its slot's environment. SIGTERM or SIGINT to the sweep starts nothing
-    new and goes on to every run, which checkpoints and stops; the sweep waits for each, then
-    raises Stopped, leaving no run behind. A run stopped by a signal of its own starts nothing
-    new either."""
-    running, received, told, stopped = progress.running, [], set(), {}
+    """Trains `queue`, one run per slot at a time, each with its slot's environment. A stop
+    signal to the sweep (SIGTERM, SIGINT, SIGHUP) starts nothing new and goes on to every run,
+    which checkpoints and stops; the sweep waits for each, then raises Stopped, leaving no run
+    behind; a sweep killed outright takes its runs with it (`_STOP_WITH_SWEEP`). A run stopped by
+    a signal of its own starts nothing new either. A run still training in a process this sweep
+    did not start (a killed sweep's, stopping) is waited for, and named, not failed."""
+    from resnet_jax.checkpoint import WorkdirLock
+
+    running, received, told, stopped, waiting = progress.running, [], set(), {}, set()
     free = list(slots)
 
     def pass_on(signum=None, frame=None):
@@ -239,14 +263,24 @@ def _run_in_subprocesses(queue: list[Run], root: pathlib.Path, slots: list[Slot]
                 proc.send_signal(received[0])
                 told.add(name)
 
-    previous = {s: signal.signal(s, pass_on) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, pass_on) for s in SIGNAL_WORDS}
     try:
         while queue or running:
             if received or stopped:
                 queue.clear()
-            while queue and free:
-                run, slot = queue.pop(0), free.pop(0)
+            for run in list(queue):
+                if not free:
+                    break
                 workdir = root / run.name
+                holder = WorkdirLock.holder(workdir)
+                if holder:
+                    if run.name not in waiting:
+                        print(f"[sweep] {run.name} is in use by another trainer ({holder}): "
+                              "waiting for it to end", flush=True)
+                        waiting.add(run.name)
+                    continue
+                queue.remove(run)
+                slot = free.pop(0)
                 workdir.mkdir(parents=True, exist_ok=True)
                 (workdir / FAILURE).unlink(missing_ok=True)
                 log = open(workdir / "log.txt", "ab")
@@ -254,7 +288,8 @@ def _run_in_subprocesses(queue: list[Run], root: pathlib.Path, slots: list[Slot]
                 log.write(f"[sweep] {run.name} on {slot.describe()}\n".encode())
                 log.flush()
                 env = dict(os.environ, PYTHONPATH=str(REPO), **slot.env)
-                running[run.name] = (subprocess.Popen(run.command(workdir), stdout=log,
+                command = [*_STOP_WITH_SWEEP, str(os.getpid()), *run.command(workdir)]
+                running[run.name] = (subprocess.Popen(command, stdout=log,
                                                       stderr=subprocess.STDOUT, env=env),
                                      log, offset, slot)
                 progress.report()
@@ -285,9 +320,8 @@ def _run_in_subprocesses(queue: list[Run], root: pathlib.Path, slots: list[Slot]
             log.close()
     if received or stopped:
         signum = received[0] if received else STOP_SIGNALS[next(iter(stopped.values()))]
-        what = {signal.SIGINT: "interrupted", signal.SIGTERM: "preempted"}
-        said = ", ".join(f"run {name} was {what[STOP_SIGNALS[status]]} (exit {status})"
+        said = ", ".join(f"run {name} was {SIGNAL_WORDS[STOP_SIGNALS[status]]} (exit {status})"
                          for name, status in stopped.items())
-        raise Stopped(f"{said or f'{what[signum]} ({signal.Signals(signum).name})'}: see each "
+        raise Stopped(f"{said or signal_stopped(signum)}: see each "
                       f"run's log.txt under {root}; rerun the sweep to finish what is missing",
                       128 + signum, root, failed)

@@ -16,7 +16,8 @@ after its colon, the others are overrides. `--config.KEY=VALUE` overrides every 
 Each run trains in ROOT/<name>, its name being its argument string (plus the overrides that tell
 it apart from a run of the same argument), so the directory says what ran. Rerunning a sweep
 trains only what is missing (finished runs are skipped, interrupted ones resume); a failed run is
-named with its reason and the others go on, with exit status 2 at the end. Once every run has
+named with its reason and the others go on, with exit status 2 at the end. A second sweep into a
+ROOT in use is refused (ROOT/sweep.lock; --index and --shard sweeps share it). Once every run has
 trained or failed, `experiments.report` writes the sweep's table and figures into ROOT (its
 defaults: ROOT/sweep.json, written here). Where runs train:
   (default)            one after another in this process, over every local device;
@@ -484,15 +485,22 @@ def main(argv=None) -> int:
                           seeds_per_program=args.seeds_per_program),
         root, {"sweep": description(args, config_overrides), "runs": [r.name for r in sweep.runs],
                "report": sweep.report}, report=not (partial or args.no_report),
-        total=len(chosen))
+        total=len(chosen), partial=partial)
 
 
 def run_sweep_command(train, root: pathlib.Path, declared: dict, *, report: bool,
-                      total: int) -> int:
-    """Joins a multi-process job when launched as one, writes ROOT/sweep.json, calls `train()`,
-    then the report once every run has trained or failed; a stopped sweep in one line, failed
-    runs in one line each after the report. The exit status."""
+                      total: int, partial: bool = False) -> int:
+    """Joins a multi-process job when launched as one, locks ROOT, writes ROOT/sweep.json, calls
+    `train()`, then the report once every run has trained or failed; a stopped sweep in one
+    line, failed runs in one line each after the report. The exit status.
+
+    The lock refuses a second sweep into ROOT while this one runs: each would take the other's
+    runs, in use, for failed ones. `partial` (some runs: --index, --shard) shares it with other
+    partial sweeps, as a job array's tasks train into one ROOT at once."""
+    import contextlib
+
     from resnet_jax import parallel
+    from resnet_jax.checkpoint import WorkdirBusy, WorkdirLock
     from resnet_jax.data import DataError
     from resnet_jax.files import write_atomically
     from resnet_jax.train import ConfigError
@@ -509,29 +517,32 @@ def run_sweep_command(train, root: pathlib.Path, declared: dict, *, report: bool
             return 2
         return 0
 
-    try:
-        parallel.initialize_distributed()  # a no-op unless launched as several processes
-        parallel.use_compilation_cache()  # its subprocesses' `resnet-jax train` too
-        if _first_process():
-            root.mkdir(parents=True, exist_ok=True)
-            write_atomically(root / SWEEP_JSON, json.dumps(declared, indent=2) + "\n")
-        train()
-    except (ConfigError, DataError, ValueError) as e:
-        print(f"sweep: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"sweep: error: {e.strerror or e}: {e.filename or root}", file=sys.stderr)
-        return 2
-    except Stopped as e:
-        if e.exit_status == 2 and report and len(e.failed) < total and _first_process():
-            write_report()  # of the runs that trained
-        print(f"sweep: {e}", file=sys.stderr)
-        return e.exit_status
-    except KeyboardInterrupt:  # between runs (a run's own loop checkpoints and stops instead)
-        print("sweep: interrupted (SIGINT); rerun the sweep to finish what is missing",
-              file=sys.stderr)
-        return 130
-    return write_report() if report and _first_process() else 0
+    with contextlib.ExitStack() as held:  # ROOT's lock, to the report's end
+        try:
+            parallel.initialize_distributed()  # a no-op unless launched as several processes
+            parallel.use_compilation_cache()  # its subprocesses' `resnet-jax train` too
+            if _first_process():
+                root.mkdir(parents=True, exist_ok=True)
+            held.enter_context(WorkdirLock(root, user="sweep", shared=partial))
+            if _first_process():
+                write_atomically(root / SWEEP_JSON, json.dumps(declared, indent=2) + "\n")
+            train()
+        except (WorkdirBusy, ConfigError, DataError, ValueError) as e:
+            print(f"sweep: error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:
+            print(f"sweep: error: {e.strerror or e}: {e.filename or root}", file=sys.stderr)
+            return 2
+        except Stopped as e:
+            if e.exit_status == 2 and report and len(e.failed) < total and _first_process():
+                write_report()  # of the runs that trained
+            print(f"sweep: {e}", file=sys.stderr)
+            return e.exit_status
+        except KeyboardInterrupt:  # between runs (a run's own loop checkpoints and stops instead)
+            print("sweep: interrupted (SIGINT); rerun the sweep to finish what is missing",
+                  file=sys.stderr)
+            return 130
+        return write_report() if report and _first_process() else 0
 
 
 if __name__ == "__main__":  # as experiments.sweep, the module sweep files import Run from

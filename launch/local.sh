@@ -13,7 +13,8 @@
 #   DEVICES_PER_PROCESS  CPU only: simulated devices per process (default: JAX's, 1)
 #
 # Output: process 0 prints to this terminal; process i>0 writes to ${LOG_DIR:-.}/process-i.log.
-# If any process fails, the others are stopped and the first failure's exit status is returned.
+# If any process fails, one line names it, the others are stopped and the first failure's exit
+# status is returned.
 # --dry-run, before or after N, prints the commands instead; after COMMAND it is COMMAND's own.
 set -euo pipefail
 
@@ -67,6 +68,11 @@ while ((${#running[@]})); do
   running=("${next[@]}")
   if ((rc != 0 && status == 0)); then
     status=$rc
+    # Its peers would otherwise end in Gloo tracebacks and JAX's abort: name the one that ended.
+    for i in "${!pids[@]}"; do [[ "${pids[$i]}" == "$ended" ]] && index=$i; done
+    how="with exit status $rc"
+    ((rc > 128)) && how="by SIG$(kill -l $((rc - 128))) (exit status $rc)"
+    echo "local.sh: process $index of $N (pid $ended) ended $how: stopping the others; see ${LOG_DIR}/process-i.log for process i > 0" >&2
     cleanup
   fi
 done

@@ -4,8 +4,8 @@ Orbax writes each step into a temporary directory and renames it when complete, 
 process never leaves a checkpoint that looks finished. Restoring walks back from the newest step
 and says so when it has to skip a damaged one; a checkpoint of a different setup is not damage,
 and is refused. `WorkdirLock` keeps a second trainer out of a workdir in use. `PreemptionWatch`
-turns a preemption notice (SIGTERM) or an interrupt (SIGINT, Ctrl-C) into a checkpoint and a
-clean stop (tests/test_faults.py).
+turns a preemption notice (SIGTERM), an interrupt (SIGINT, Ctrl-C) or a hang-up (SIGHUP) into a
+checkpoint and a clean stop (tests/test_faults.py).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import threading
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+
+from resnet_jax.cli import STOP_SIGNALS, stopped
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +188,19 @@ class WorkdirBusy(RuntimeError):
     """Another trainer holds the workdir. str(e) is one line naming it."""
 
 
+# Who locks a directory (`WorkdirLock`): the lock's file in it, and the refusal of a second.
+LOCKS = {"trainer": ("train.lock", "workdir {dir} is in use by another trainer ({holder}): wait "
+                     "for it to end, or use a new --workdir"),
+         "sweep": ("sweep.lock", "{dir} is in use by another sweep ({holder}): wait for it to "
+                   "end, or give this sweep a --root of its own")}
+
+
 class WorkdirLock:
     """Holds `WORKDIR/train.lock` for a run's life: a second trainer on the workdir is refused,
-    with the first one's pid and host, instead of both writing every step twice.
+    with the first one's pid and host, instead of both writing every step twice. A sweep holds
+    `ROOT/sweep.lock` (`user="sweep"`) the same way; sweeps of some of its runs (`--index`,
+    `--shard`: a job array's tasks) hold it `shared`, beside each other but not beside a whole
+    sweep.
 
     `fcntl.flock` on an open file: the kernel releases it when the process ends, however it ends
     (kill -9 included), so no stale lock is ever left to clear. Only process 0 locks, as only it
@@ -198,22 +210,40 @@ class WorkdirLock:
     FUSE mounts) a warning is printed and the run goes on unguarded.
     """
 
-    def __init__(self, workdir: pathlib.Path):
-        self.path, self._file, holder = workdir / "train.lock", None, ""
+    def __init__(self, workdir: pathlib.Path, *, user: str = "trainer", shared: bool = False):
+        name, refusal = LOCKS[user]
+        self.path, self._file, holder = workdir / name, None, ""
         if jax.process_index() == 0:
-            holder = self._acquire()
+            holder = self._acquire(fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         if jax.process_count() > 1:  # every process stops, not only process 0
             busy = multihost_utils.broadcast_one_to_all(np.int32(bool(holder)))
-            holder = holder or ("another trainer (see process 0's log)" if busy else "")
+            holder = holder or (f"another {user} (see process 0's log)" if busy else "")
         if holder:
-            raise WorkdirBusy(f"workdir {workdir} is in use by another trainer ({holder}): "
-                              "wait for it to end, or use a new --workdir")
+            raise WorkdirBusy(refusal.format(dir=workdir, holder=holder))
 
-    def _acquire(self) -> str:
+    @staticmethod
+    def holder(workdir: pathlib.Path) -> str:
+        """Who holds `workdir`'s lock now ("" when no one does), asked without waiting and
+        without holding it longer than the asking: for a sweep, whether a run of its is still
+        training in a process it did not start (one a killed sweep left)."""
+        try:
+            file = (workdir / LOCKS["trainer"][0]).open()
+        except OSError:  # no lock file: never trained
+            return ""
+        with file:
+            try:
+                fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return file.read().strip() or "pid unknown"
+            except OSError:  # a file system without locks: nothing to learn
+                return ""
+        return ""
+
+    def _acquire(self, mode: int) -> str:
         """Takes the lock and writes who holds it; returns "" or the holder that has it."""
         file = self.path.open("a+")
         try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(file, mode | fcntl.LOCK_NB)
         except BlockingIOError:
             file.seek(0)
             holder = file.read().strip() or "pid unknown"
@@ -258,24 +288,24 @@ def read(directory: str | pathlib.Path, step: int):
 
 
 class Preempted(Exception):
-    """Training stopped on a preemption notice (SIGTERM) or an interrupt (SIGINT, Ctrl-C) after
-    checkpointing `step`; the CLI exits with 128 + `signum`, as a shell reports a signal."""
+    """Training stopped on a preemption notice (SIGTERM), an interrupt (SIGINT, Ctrl-C) or a
+    hang-up (SIGHUP, a closed terminal) after checkpointing `step`; the CLI exits with
+    128 + `signum`, as a shell reports a signal."""
 
     def __init__(self, step: int, workdir: pathlib.Path, signum: int = signal.SIGTERM):
-        what = "interrupted" if signum == signal.SIGINT else "preempted"
-        super().__init__(f"{what} ({signal.Signals(signum).name}) at step {step}: checkpoint "
-                         f"saved in {workdir}; rerun the same command to continue")
+        super().__init__(f"{stopped(signum)} at step {step}: checkpoint saved in {workdir}; "
+                         "rerun the same command to continue")
         self.step, self.signum = step, signum
 
 
 class PreemptionWatch:
-    """Whether a preemption notice (SIGTERM) or an interrupt (SIGINT) has arrived, asked once per
-    step by every process; `signum` is the signal this process got (SIGTERM if none).
+    """Whether a stop signal (cli.STOP_SIGNALS: SIGTERM, SIGINT, SIGHUP) has arrived, asked once
+    per step by every process; `signum` is the signal this process got (SIGTERM if none).
 
     One process: a handler sets a flag. Several: JAX's preemption service (started by
     `jax.distributed.initialize`) picks one step at which all of them stop together; processes
     stopping at different steps on their own would leave the others waiting in a collective.
-    That service listens for SIGTERM only, so a SIGINT is passed on to it as one.
+    That service listens for SIGTERM only, so SIGINT and SIGHUP are passed on to it as one.
     """
 
     def __init__(self):
@@ -283,7 +313,7 @@ class PreemptionWatch:
         self.noticed = False
         self.signum = signal.SIGTERM
         self._previous = {}
-        signals = (signal.SIGINT,) if self.multi_process else (signal.SIGTERM, signal.SIGINT)
+        signals = [s for s in STOP_SIGNALS if not (self.multi_process and s == signal.SIGTERM)]
         if threading.current_thread() is threading.main_thread():
             for signum in signals:
                 self._previous[signum] = signal.signal(signum, self._on_signal)

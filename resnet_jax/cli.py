@@ -1,13 +1,26 @@
 """argparse for the `python -m experiments.X` and `benchmarks.X` entry points: the same help and
-the same one-line errors as `resnet-jax` (resnet_jax/main.py). Standard library only, so that a
-launcher can ask a sweep for its runs (`experiments.sweep --sweep=FILE --list`) with any Python.
+the same one-line errors as `resnet-jax` (resnet_jax/main.py), and the signals that stop both.
+Standard library only, so that a launcher can ask a sweep for its runs (`experiments.sweep
+--sweep=FILE --list`) with any Python.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import signal
 import textwrap
+
+# The signals that stop a run or a sweep, and how their messages name each: Ctrl-C, a closed
+# terminal or ssh session, a preemption notice (SLURM, a TPU maintenance event). Each stops at a
+# checkpoint and exits 128 + its number, as a shell reports a process a signal ended.
+STOP_SIGNALS = {signal.SIGINT: "interrupted", signal.SIGHUP: "hung up",
+                signal.SIGTERM: "preempted"}
+
+
+def stopped(signum: int) -> str:
+    """'interrupted (SIGINT)', 'hung up (SIGHUP)', 'preempted (SIGTERM)'."""
+    return f"{STOP_SIGNALS[signum]} ({signal.Signals(signum).name})"
 
 
 class ArgumentParser(argparse.ArgumentParser):

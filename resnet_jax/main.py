@@ -11,6 +11,7 @@ Bad input ends in one line naming the problem and the fix, with exit status 2.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import errno
@@ -27,6 +28,8 @@ from collections.abc import Callable
 
 from absl import flags
 from ml_collections import config_flags
+
+from resnet_jax import cli
 
 # Every flag of every command: name -> (absl DEFINE_*, default, value shown in help, help line).
 # Each command defines only its own (COMMANDS), so that another command's flag is refused.
@@ -132,16 +135,38 @@ def _stray_message(stray: list[str], command: str) -> str:
 
 
 def _train(argv) -> int:
-    config, fv = _parse(argv, "train")
-    if config is None or fv.workdir is None:
-        raise UsageError("train needs --config=FILE[:ARGS] and --workdir=DIR, e.g. "
-                         "--config=resnet_jax/configs/cifar.py:depth=20 --workdir=runs/r20")
-    from resnet_jax import parallel, train  # imported late: JAX starts only when there is work
+    # First of all: a stop signal at any moment before the training loop (whose own handler
+    # checkpoints instead) must end the run with its line.
+    previous = {s: signal.signal(s, _stop_outside_the_loop) for s in cli.STOP_SIGNALS}
+    try:
+        config, fv = _parse(argv, "train")
+        if config is None or fv.workdir is None:
+            raise UsageError("train needs --config=FILE[:ARGS] and --workdir=DIR, e.g. "
+                             "--config=resnet_jax/configs/cifar.py:depth=20 --workdir=runs/r20")
+        from resnet_jax import parallel, train  # imported late: JAX starts only when there is work
 
-    parallel.initialize_distributed()  # a no-op unless launched as several processes (launch/)
-    parallel.use_compilation_cache()
-    train.train_and_evaluate(config, fv.workdir, restart=fv.restart)
-    return 0
+        parallel.initialize_distributed()  # a no-op unless launched as several processes
+        parallel.use_compilation_cache()
+        train.train_and_evaluate(config, fv.workdir, restart=fv.restart)
+        return 0
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _stop_outside_the_loop(signum, frame) -> None:
+    """Ends `train` at once, with one line and exit 128 + `signum`, on a stop signal that comes
+    before or after its training loop. Not KeyboardInterrupt: raised wherever Python happens to
+    be, it is lost inside a callback that JAX runs from the garbage collector (the run then
+    trains to its end), and an interpreter unwinding while XLA's threads still run can end in a
+    segmentation fault. What the run wrote so far is whole, as after a kill -9 (files are
+    renamed into place, checkpoints too, and the lock ends with the process)."""
+    with contextlib.suppress(Exception):  # stdout may be mid-write in the code interrupted
+        sys.stdout.flush()
+    os.write(sys.stderr.fileno(), (
+        f"resnet-jax: {cli.stopped(signum)} outside the training loop, so no checkpoint was "
+        "taken; rerun the same command to continue\n").encode())
+    os._exit(128 + signum)
 
 
 def _summary(argv) -> int:
@@ -387,9 +412,8 @@ def _main(argv: list[str]) -> int:
     except _raised_by("resnet_jax.checkpoint", "Preempted") as e:
         print(f"resnet-jax: {e}", file=sys.stderr)
         return 128 + e.signum  # 143 for SIGTERM, what schedulers expect; 130 for SIGINT
-    except KeyboardInterrupt:  # Ctrl-C outside the training loop, which checkpoints instead
-        print("resnet-jax: interrupted (SIGINT) outside the training loop, so no checkpoint "
-              "was taken; rerun the same command to continue", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C in another command (train stops at once instead)
+        print("resnet-jax: interrupted (SIGINT)", file=sys.stderr)
         return 130
     except OSError as e:
         if isinstance(e, BrokenPipeError) and _stdout_reader_gone():

@@ -23,6 +23,7 @@ import os
 import pathlib
 import sys
 import tempfile
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +76,28 @@ def initialize_distributed(env=os.environ) -> None:
                                    int(env["JAX_NUM_PROCESSES"]), int(env["JAX_PROCESS_ID"]))
     elif env.get("RESNET_JAX_DISTRIBUTED") == "1":
         jax.distributed.initialize()
+
+
+def differing_from_process_0(values: dict[str, str]) -> dict[int, list[str]]:
+    """{process: the keys whose value differs from process 0's} over the processes of this job,
+    each process passing its own `values` (every process must call this). Only a digest per key
+    travels, so values of any size cost the same. One process: {}."""
+    if jax.process_count() == 1:
+        return {}
+    from jax.experimental import multihost_utils
+
+    def digests(texts):
+        return np.array([zlib.crc32(t.encode()) for t in texts], np.uint32).view(np.int32)
+
+    keys = sorted(values)
+    # The keys themselves first: with other keys (another version of the code) the per-key
+    # digests below would not line up, nor even have one length.
+    shapes = multihost_utils.process_allgather(digests(["\n".join(keys)]))
+    if not np.all(shapes == shapes[0]):
+        return {int(p): ["the set of keys"] for p in np.flatnonzero(shapes[:, 0] != shapes[0, 0])}
+    gathered = multihost_utils.process_allgather(digests([values[k] for k in keys]))
+    return {int(p): [k for k, a, b in zip(keys, gathered[p], gathered[0]) if a != b]
+            for p in range(1, len(gathered)) if np.any(gathered[p] != gathered[0])}
 
 
 def use_compilation_cache() -> str | None:

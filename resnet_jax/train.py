@@ -558,6 +558,19 @@ def _check_seed_group(configs) -> None:
         raise ConfigError(f"runs trained in one program need distinct seeds, got {seeds}")
 
 
+def _check_one_config_in_every_process(configs) -> None:
+    """Stops every process of a job launched with different configs before anything is written:
+    one with another learning_rate would train with it unseen (process 0 writes config.json),
+    one with another total_steps would leave the others waiting in a collective."""
+    values = {key + (f" (run {k})" if len(configs) > 1 else ""): json.dumps(value)
+              for k, c in enumerate(configs) for key, value in json.loads(c.to_json()).items()}
+    differing = parallel.differing_from_process_0(values)
+    if differing:
+        raise ConfigError("the processes of this job have different configs (" + "; ".join(
+            f"process {p} differs from process 0 in {', '.join(keys)}"
+            for p, keys in differing.items()) + "): launch every process with the same command")
+
+
 def train_runs(configs: list, workdirs: list, *, restart: bool = False) -> list[dict]:
     """Trains runs that differ only in their seed, each in its own workdir, resuming each from
     its latest checkpoint; returns their summaries in order.
@@ -571,6 +584,7 @@ def train_runs(configs: list, workdirs: list, *, restart: bool = False) -> list[
     for c in configs:
         check_config(c)
     _check_seed_group(configs)
+    _check_one_config_in_every_process(configs)
     summaries = [None] * len(configs)
     for k, (c, w) in enumerate(zip(configs, workdirs)):
         _check_workdir(w, c)

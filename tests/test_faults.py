@@ -139,10 +139,12 @@ def unbroken(tmp_path_factory):
     return workdir
 
 
-# Ctrl-C is treated as a preemption is: a checkpoint, one line, exit 128 + the signal's number.
+# Ctrl-C and a closed terminal are treated as a preemption is: a checkpoint, one line, exit
+# 128 + the signal's number.
 @pytest.mark.parametrize("signum, status, stopped", [(signal.SIGTERM, 143, "preempted (SIGTERM)"),
-                                                     (signal.SIGINT, 130, "interrupted (SIGINT)")],
-                         ids=["SIGTERM", "SIGINT"])
+                                                     (signal.SIGINT, 130, "interrupted (SIGINT)"),
+                                                     (signal.SIGHUP, 129, "hung up (SIGHUP)")],
+                         ids=["SIGTERM", "SIGINT", "SIGHUP"])
 def test_a_signal_checkpoints_and_exits_cleanly_and_the_rerun_continues(unbroken, tmp_path, signum,
                                                                           status, stopped):
     workdir = tmp_path / "run"

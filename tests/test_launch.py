@@ -247,6 +247,9 @@ def test_local_launcher_returns_the_first_failure_and_stops_the_others(tmp_path)
             "sys.exit(4)")
     proc = launch("local.sh", "2", sys.executable, "-c", code, LOG_DIR=str(tmp_path))
     assert proc.returncode == 4
+    # One line names the process that ended, not its peers' tracebacks alone.
+    assert proc.stderr.splitlines()[0].startswith("local.sh: process 1 of 2 (pid ")
+    assert ") ended with exit status 4: stopping the others" in proc.stderr.splitlines()[0]
     # The launcher stopped process 0 and waited for it: it is gone when the launcher returns.
     with pytest.raises(ProcessLookupError):
         os.kill(int(pid_file.read_text()), 0)

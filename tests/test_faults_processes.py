@@ -1,0 +1,211 @@
+"""Faults between processes, each against the behaviour docs/failures.md promises: a stop signal
+before the training loop, a hang-up (a closed terminal), a sweep killed or started twice, and
+the processes of one job that disagree on their config or lose a peer.
+
+Every run is a real process: `resnet-jax train` (ResNet-8 on digits, as in tests/test_faults.py),
+a sweep of them, or 2 processes joined by launch/local.sh. Where a fault depends on timing, the
+test waits for a line the process prints at the moment wanted, then causes it.
+"""
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from experiments import runner
+from tests.test_distributed import free_port
+from tests.test_experiments import alive, child_pids, sweep_file
+from tests.test_faults import (REPO, checkpoint_steps, command, env, last_stderr_line, start,
+                               train)
+
+
+def wait_for_line(proc, text):
+    """Reads `proc`'s stdout up to the first line holding `text`; fails if it ends first."""
+    for line in proc.stdout:
+        if text in line:
+            return line
+    raise AssertionError(f"{text!r} never printed: {proc.communicate()}")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP, signal.SIGTERM],
+                         ids=["SIGINT", "SIGHUP", "SIGTERM"])
+def test_a_stop_signal_before_the_training_loop_is_one_line_and_its_exit_status(tmp_path,
+                                                                                signum):
+    """Ctrl-C, a closed terminal or a preemption notice while a run starts up (here: as it
+    resumes, between restoring and compiling) stops it at once with its line, exit 128 + the
+    signal, and leaves the run as it was: the rerun resumes from the same checkpoint. Before,
+    SIGHUP and SIGTERM ended the run without a word, and a SIGINT in that window was lost in a
+    callback of JAX's or ended in a segmentation fault."""
+    workdir = tmp_path / "run"
+    first = train(workdir, "--config.total_steps=10")
+    assert first.returncode == 0, first.stderr
+    proc = start(workdir)
+    wait_for_line(proc, "resuming from step 10")
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signum, err
+    assert "Traceback" not in err and "Exception ignored" not in err
+    what = {signal.SIGINT: "interrupted", signal.SIGHUP: "hung up",
+            signal.SIGTERM: "preempted"}[signum]
+    assert last_stderr_line(err) == (
+        f"resnet-jax: {what} ({signal.Signals(signum).name}) outside the training loop, so no "
+        "checkpoint was taken; rerun the same command to continue")
+    assert checkpoint_steps(workdir) == [10]
+    rerun = train(workdir)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming from step 10" in rerun.stdout
+
+
+# --- Sweeps -----------------------------------------------------------------------------------
+
+
+def start_sweep(spec, root, *flags):
+    return subprocess.Popen([sys.executable, "-m", "experiments.sweep", spec, f"--root={root}",
+                             "--no-report", *flags], cwd=REPO, env=sweep_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def sweep_env():
+    return {**env(), "PYTHONPATH": str(REPO)}
+
+
+def hold_lock(path, text):
+    """Takes `path`'s flock as a trainer holds its workdir's, with `text` as its holder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file = path.open("a+")
+    fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    file.write(text)
+    file.flush()
+    return file
+
+
+def test_a_second_sweep_into_a_root_is_refused_and_a_run_in_use_is_waited_for(tmp_path):
+    """A run still training in a process the sweep did not start (a killed sweep's, stopping;
+    here: its lock held by this test) is waited for and named, not failed; a second sweep into
+    the same ROOT is refused at the start while the first runs; a finished run keeps no
+    failure record. Before, both sweeps exited 2, each naming the other's runs failed."""
+    spec = sweep_file(tmp_path / "s.py", "[Run(f'depth=8,dataset=digits,seed={s}', TINY) "
+                      "for s in (1, 2)]")
+    root = tmp_path / "root"
+    busy, free = (root / f"depth=8,dataset=digits,seed={s}" for s in (1, 2))
+    lock = hold_lock(busy / "train.lock", "pid 4242 on elsewhere\n")
+    first = start_sweep(spec, root, "--processes=2")
+    try:
+        line = wait_for_line(first, f"{busy.name} is in use by another trainer")
+        assert "(pid 4242 on elsewhere): waiting for it to end" in line
+        second = subprocess.run([sys.executable, "-m", "experiments.sweep", spec,
+                                 f"--root={root}", "--processes=2"], cwd=REPO, env=sweep_env(),
+                                capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr
+        (said,) = second.stderr.strip().splitlines()
+        assert said.startswith(f"sweep: error: {root} is in use by another sweep (pid "
+                               f"{first.pid} on ")
+        assert said.endswith("give this sweep a --root of its own")
+        # Sweeps of some of its runs (a job array's tasks) are refused beside it too.
+        shard = subprocess.run([sys.executable, "-m", "experiments.sweep", spec,
+                                f"--root={root}", "--index=1"], cwd=REPO, env=sweep_env(),
+                               capture_output=True, text=True, timeout=300)
+        assert shard.returncode == 2 and "in use by another sweep" in shard.stderr
+        lock.close()  # the other trainer ends
+        out, err = first.communicate(timeout=600)
+        assert first.returncode == 0, out + err
+    finally:
+        first.kill()
+    for run in (busy, free):
+        assert json.loads((run / "summary.json").read_text())["step"] == 2
+        assert not (run / runner.FAILURE).exists()
+    # A failure recorded while a run trained on unwatched, which then finished it, is stale.
+    (busy / runner.FAILURE).write_text('{"reason": "in use by another trainer"}\n')
+    rerun = subprocess.run([sys.executable, "-m", "experiments.sweep", spec, f"--root={root}",
+                            "--no-report"], cwd=REPO, env=sweep_env(), capture_output=True,
+                           text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert not (busy / runner.FAILURE).exists()
+
+
+def test_partial_sweeps_share_a_root_that_a_whole_sweep_holds_alone(tmp_path):
+    from resnet_jax.checkpoint import WorkdirBusy, WorkdirLock
+
+    with WorkdirLock(tmp_path, user="sweep", shared=True), WorkdirLock(tmp_path, user="sweep",
+                                                                        shared=True):
+        with pytest.raises(WorkdirBusy):
+            WorkdirLock(tmp_path, user="sweep")
+    with WorkdirLock(tmp_path, user="sweep"):
+        with pytest.raises(WorkdirBusy):
+            WorkdirLock(tmp_path, user="sweep", shared=True)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGHUP], ids=["kill-9", "SIGHUP"])
+def test_a_killed_sweep_takes_its_runs_with_it(tmp_path, signum):
+    """kill -9 of a sweep of several processes, or SIGHUP (its terminal closed): each run
+    checkpoints and stops (the kernel sends it SIGTERM once the sweep is gone; a SIGHUP the
+    sweep passes on), instead of training on with no sweep to report it. Before, the runs were
+    left training, re-parented to PID 1."""
+    spec = sweep_file(tmp_path / "s.py", "[Run(f'depth=8,dataset=digits,seed={s}', "
+                      "{'total_steps': 100000, 'batch_size': 32, 'log_every_steps': 5, "
+                      "'eval_every_steps': 100000, 'checkpoint_every_steps': 100000}) "
+                      "for s in (1, 2)]")
+    root = tmp_path / "root"
+    sweep = start_sweep(spec, root, "--processes=2")
+    dirs = [root / f"depth=8,dataset=digits,seed={s}" for s in (1, 2)]
+    children = []
+    try:
+        while not all((d / "metrics.jsonl").exists()
+                      and (d / "metrics.jsonl").read_text().count("\n") >= 2 for d in dirs):
+            assert sweep.poll() is None, sweep.communicate()
+            time.sleep(0.05)
+        children = child_pids(sweep.pid)
+        assert len(children) == 2
+        sweep.send_signal(signum)
+        _, err = sweep.communicate(timeout=300)
+        deadline = time.monotonic() + 300  # a hang guard: they stop within seconds
+        while [pid for pid in children if alive(pid)]:
+            assert time.monotonic() < deadline, "runs left training after their sweep ended"
+            time.sleep(0.1)
+        if signum == signal.SIGHUP:
+            assert sweep.returncode == 129, err
+            assert "was hung up (exit 129)" in err.strip().splitlines()[-1]
+        stop = "hung up (SIGHUP)" if signum == signal.SIGHUP else "preempted (SIGTERM)"
+        for d in dirs:
+            assert f"{stop} at step" in (d / "log.txt").read_text()
+            assert any(p.name.isdigit() for p in (d / "checkpoints").iterdir())
+    finally:
+        sweep.kill()
+        for pid in children:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+# --- The processes of one job -----------------------------------------------------------------
+
+
+def start_job(workdir, *overrides_of_process_1):
+    """The 2 processes of one job on this machine (one CPU device each), as launch/local.sh
+    starts them, but process 1 with `overrides_of_process_1` added to its command line."""
+    port = free_port()
+    return [subprocess.Popen(command(workdir, *(overrides_of_process_1 if i else ())), cwd=REPO,
+                             env={**env(), "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i),
+                                  "JAX_COORDINATOR_ADDRESS": f"localhost:{port}"},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in (0, 1)]
+
+
+def test_processes_of_one_job_with_different_configs_all_stop_before_writing(tmp_path):
+    """Process 1 launched with another learning_rate and total_steps: every process stops with
+    one line naming the keys, exit 2, before anything is written. Before, another learning_rate
+    trained unseen (config.json, written by process 0, said 0.1); another total_steps hung the
+    job."""
+    workdir = tmp_path / "run"
+    job = start_job(workdir, "--config.learning_rate=0.5", "--config.total_steps=80")
+    for proc in job:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 2, err
+        assert last_stderr_line(err) == (
+            "resnet-jax: error: the processes of this job have different configs (process 1 "
+            "differs from process 0 in learning_rate, total_steps): launch every process with the "
+            "same command")
+    assert not workdir.exists()
