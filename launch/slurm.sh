@@ -98,7 +98,9 @@ output_in_workdir() { echo "--output=${WORKDIR//%/%%}/$1"; }
 # The #SBATCH header shared by both kinds of job; $1 = job name, then extra sbatch arguments.
 header() {
   local name=$1; shift
-  local args=("--job-name=$name" "--time=$TIME" "--signal=TERM@$TERM_BEFORE_LIMIT" "--requeue")
+  # --open-mode=append: a requeued job's log goes on after the first start's, not over it.
+  local args=("--job-name=$name" "--time=$TIME" "--signal=TERM@$TERM_BEFORE_LIMIT" "--requeue"
+              "--open-mode=append")
   [[ -n "${PARTITION:-}" ]] && args+=("--partition=$PARTITION")
   [[ -n "${ACCOUNT:-}" ]] && args+=("--account=$ACCOUNT")
   echo "#!/usr/bin/env bash"

@@ -200,6 +200,7 @@ def test_slurm_run_is_one_srun_over_every_gpu():
     lines = proc.stdout.splitlines()
     for line in ["#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-task=1",
                  "#SBATCH --partition=gpu", "#SBATCH --signal=TERM@120", "#SBATCH --requeue",
+                 "#SBATCH --open-mode=append",
                  "source /shared/venv/bin/activate", "export RESNET_JAX_DISTRIBUTED=1  # "
                  "jax.distributed.initialize() reads SLURM's variables"]:
         assert any(x.startswith(line) for x in lines), line
