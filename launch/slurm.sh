@@ -20,9 +20,9 @@
 #   python3 also lists a sweep's runs here), PARALLEL (array tasks at once, default 16),
 #   TERM_BEFORE_LIMIT (seconds, default 120).
 #
-# Jobs get SIGTERM TERM_BEFORE_LIMIT seconds before their time limit (SLURM sends it up to a minute
-# off) and are requeued when preempted: training checkpoints on SIGTERM (exit status 143) and the
-# requeued job, or the same command run again, resumes from it.
+# Jobs get SIGTERM TERM_BEFORE_LIMIT seconds before their time limit (SLURM checks its clocks about
+# every 30 s, so up to that much later) and are requeued when preempted: training checkpoints on
+# SIGTERM (exit status 143) and the requeued job, or the same command run again, resumes from it.
 # --dry-run (anywhere on the line) prints the batch scripts and the sbatch commands instead of
 # submitting them.
 set -euo pipefail
