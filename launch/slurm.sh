@@ -21,8 +21,9 @@
 #   TERM_BEFORE_LIMIT (seconds, default 120).
 #
 # Jobs get SIGTERM TERM_BEFORE_LIMIT seconds before their time limit (SLURM checks its clocks about
-# every 30 s, so up to that much later) and are requeued when preempted: training checkpoints on
-# SIGTERM (exit status 143) and the requeued job, or the same command run again, resumes from it.
+# every 30 s, and sends it up to that much early) and are requeued when preempted: training
+# checkpoints on SIGTERM (exit status 143) and the requeued job, or the same command run again,
+# resumes from it.
 # --dry-run (anywhere on the line) prints the batch scripts and the sbatch commands instead of
 # submitting them.
 set -euo pipefail

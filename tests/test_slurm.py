@@ -338,15 +338,18 @@ def test_requeue_resumes_from_the_last_checkpoint(cluster, tmp_path):
 
 
 def test_a_job_at_its_time_limit_checkpoints_and_resumes(cluster, tmp_path):
-    """SLURM's SIGTERM TERM_BEFORE_LIMIT seconds before the time limit (1 minute here, the least
-    it takes; it checks every 30 s or so): the run checkpoints and ends with 143 before the limit
-    (FAILED, not TIMEOUT); the same command, submitted again, resumes there."""
+    """SLURM's SIGTERM TERM_BEFORE_LIMIT seconds before the time limit (1 minute, the least it
+    takes): the run checkpoints and ends with 143 before the limit (FAILED, not TIMEOUT); the same
+    command, submitted again, resumes there. SLURM checks its clocks about every 30 s and sends
+    the signal at the first check that is less than 30 s from the time to send it, so up to 30 s
+    early: 1 s before the limit here, so that the signal comes 29 to 59 s into the job, once it
+    trains."""
     workdir = tmp_path / "limited"
     args = ["run", CONFIG, "--config.batch_size=16", "--config.total_steps=1000000",
             "--config.log_every_steps=10", "--config.eval_every_steps=1000000",
             "--config.checkpoint_every_steps=1000000"]
     job_id, = cluster.launch(*args, xla_flags=ONE_DEVICE, WORKDIR=str(workdir), TIME="1",
-                             TERM_BEFORE_LIMIT="30")
+                             TERM_BEFORE_LIMIT="1")
     job, = cluster.wait(job_id)
     output = log(workdir, job_id)
     assert (job["JobState"], job["ExitCode"]) == ("FAILED", "143:0"), output
