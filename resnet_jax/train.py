@@ -591,8 +591,9 @@ def train_runs(configs: list, workdirs: list, *, restart: bool = False) -> list[
         if (w / "summary.json").exists():
             summary = read_run_json(w / "summary.json")
             if summary["step"] >= c.total_steps:
-                print(f"run in {w} already finished at step {summary['step']} "
-                      f"(test error {summary['test/error']:.2f}%)", flush=True)
+                if jax.process_index() == 0:
+                    print(f"run in {w} already finished at step {summary['step']} "
+                          f"(test error {summary['test/error']:.2f}%)", flush=True)
                 summaries[k] = summary
     todo = [k for k, s in enumerate(summaries) if s is None]
     if todo:
@@ -929,8 +930,9 @@ def _finish(config, workdir: pathlib.Path, final: dict, num_classes: int) -> dic
     summary["converged"] = summary["train/error"] < threshold
     summary_path = workdir / "summary.json"
     _write_json(summary_path, summary)
-    print(f"finished: train error {summary['train/error']:.2f}%, "
-          f"test error {summary['test/error']:.2f}%"
-          + ("" if summary["converged"] else " (not converged)") + f" -> {summary_path}",
-          flush=True)
+    if jax.process_index() == 0:  # one result line per run, not one per process
+        print(f"finished: train error {summary['train/error']:.2f}%, "
+              f"test error {summary['test/error']:.2f}%"
+              + ("" if summary["converged"] else " (not converged)") + f" -> {summary_path}",
+              flush=True)
     return summary

@@ -42,8 +42,8 @@ def _isolated_compile_cache(tmp_path_factory):
 # The test files that take longest first (minutes on 2 cores, in this order), so that
 # `pytest -n 2 --dist loadfile`, which hands whole files to whichever process is free, does not
 # start one of them last and leave the other process idle at the end.
-LONGEST_FIRST = ["test_experiments", "test_distributed", "test_faults_processes", "test_models",
-                 "test_train", "test_cli", "test_faults", "test_pipeline"]
+LONGEST_FIRST = ["test_slurm", "test_experiments", "test_distributed", "test_faults_processes",
+                 "test_models", "test_train", "test_cli", "test_faults", "test_pipeline"]
 
 
 def pytest_collection_modifyitems(items):

@@ -16,13 +16,15 @@ TPU = {"TPU_NAME": "resnet-v4-32", "ZONE": "us-central2-b", "ACCELERATOR_TYPE": 
        "WORKDIR": "/mnt/shared/runs/r50"}
 
 
-# This Python first: the launchers ask `python -m experiments.sweep --list` for a sweep's runs.
+# This Python first: the launchers ask `python3 -m experiments.sweep --list` for a sweep's runs.
 PATH = f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}"
+SLURM = ["NODES", "GPUS_PER_NODE", "TASKS_PER_NODE", "VENV", "PARTITION", "ACCOUNT"]
 
 
-def launch(script, *args, **variables):
-    base = {k: v for k, v in os.environ.items() if k not in TPU} | {"PATH": PATH}
-    return subprocess.run(["bash", f"launch/{script}", *args], cwd=REPO, env={**base, **variables},
+def launch(script, *args, cwd=REPO, **variables):
+    base = {k: v for k, v in os.environ.items() if k not in TPU and k not in SLURM}
+    return subprocess.run([REPO / "launch" / script, *args], cwd=cwd,
+                          env={**base, "PATH": PATH, **variables},
                           capture_output=True, text=True, timeout=120)
 
 
@@ -52,6 +54,13 @@ def fakes(tmp_path):
         path.write_text("#!/usr/bin/env bash\n" + body)
         path.chmod(0o755)
     return cloud, worker
+
+
+def this_python3(folder):
+    """folder/python3: this Python (with this project installed) under that name."""
+    python3 = folder / "python3"
+    python3.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    python3.chmod(0o755)
 
 
 def on_path(folder):
@@ -191,12 +200,78 @@ def test_slurm_run_is_one_srun_over_every_gpu():
     lines = proc.stdout.splitlines()
     for line in ["#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-task=1",
                  "#SBATCH --partition=gpu", "#SBATCH --signal=TERM@120", "#SBATCH --requeue",
+                 "#SBATCH --open-mode=append",
                  "source /shared/venv/bin/activate", "export RESNET_JAX_DISTRIBUTED=1  # "
                  "jax.distributed.initialize() reads SLURM's variables"]:
         assert any(x.startswith(line) for x in lines), line
-    assert ("srun python -m resnet_jax.main train --config=resnet_jax/configs/cifar.py:depth=56 "
-            "--workdir=/shared/r56 --config.batch_size=512 ") in lines
+    assert ("srun python3 -m resnet_jax.main train --config=resnet_jax/configs/cifar.py:depth=56 "
+            "--workdir=/shared/r56 --config.batch_size=512") in lines
     assert "sbatch --parsable " in lines
+
+
+@pytest.mark.parametrize("variables, tasks", [({"GPUS_PER_NODE": "0"}, 1),
+                                              ({"GPUS_PER_NODE": "0", "TASKS_PER_NODE": "2"}, 2)])
+def test_slurm_on_a_cpu_partition_requests_no_gpu(variables, tasks):
+    run = launch("slurm.sh", "--dry-run", "run", CIFAR, WORKDIR="/shared/r8", **variables)
+    sweep = launch("slurm.sh", "--dry-run", "sweep", "--grid=depth=8,14", WORKDIR="/shared/s",
+                   **variables)
+    assert run.returncode == sweep.returncode == 0, run.stderr + sweep.stderr
+    assert f"#SBATCH --ntasks-per-node={tasks}" in run.stdout.splitlines()
+    assert "#SBATCH --ntasks=1" in sweep.stdout.splitlines()
+    assert "gpu" not in run.stdout + sweep.stdout
+
+
+@pytest.mark.parametrize("variables, error", [
+    ({"TASKS_PER_NODE": "2"}, "TASKS_PER_NODE=2 with GPUS_PER_NODE=8: JAX gives each SLURM task "
+                              "one GPU"),
+    ({"GPUS_PER_NODE": "-1"}, "GPUS_PER_NODE=-1: set it to an integer of at least 0"),
+    ({"GPUS_PER_NODE": "0", "TASKS_PER_NODE": "0"}, "TASKS_PER_NODE=0: set it to an integer of "
+                                                    "at least 1"),
+    ({"NODES": "two"}, "NODES=two: set it to an integer of at least 1"),
+    ({"TERM_BEFORE_LIMIT": "2m"}, "TERM_BEFORE_LIMIT=2m: set it to an integer of at least 1"),
+])
+def test_slurm_refuses_a_bad_count(variables, error):
+    proc = launch("slurm.sh", "--dry-run", "run", CIFAR, WORKDIR="/shared/r8", **variables)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == f"slurm.sh: error: {error}" + proc.stderr.split(error)[1]
+    assert len(proc.stderr.splitlines()) == 1
+
+
+def test_slurm_signal_before_the_time_limit_is_settable():
+    proc = launch("slurm.sh", "--dry-run", "run", CIFAR, WORKDIR="/shared/r8",
+                  TERM_BEFORE_LIMIT="30", TIME="1")
+    assert proc.returncode == 0, proc.stderr
+    assert {"#SBATCH --signal=TERM@30", "#SBATCH --time=1"} <= set(proc.stdout.splitlines())
+
+
+def test_slurm_relative_workdir_is_made_absolute_where_it_was_given(tmp_path):
+    # The jobs start in the repository: the run and its SLURM log go where the user stood.
+    cloud, worker = fakes(tmp_path)
+    proc = launch("slurm.sh", "--dry-run", "run", CIFAR, cwd=tmp_path, WORKDIR="runs/r8",
+                  PATH=on_path(cloud))
+    assert proc.returncode == 0, proc.stderr
+    script, = batch_scripts(proc.stdout)
+    assert [f"--output={tmp_path}/runs/r8/slurm-%j.out"] in sbatch_arguments(script)
+    job = shell(script, tmp_path, on_path(worker))
+    assert f"--workdir={tmp_path}/runs/r8" in job.stdout.splitlines(), job.stderr
+
+
+def test_slurm_sweep_lists_its_runs_with_the_venvs_python3(tmp_path):
+    # From a shell where no venv is active and `python` does not exist: VENV's python3 lists the
+    # runs; without VENV, python3 does.
+    cloud, _ = fakes(tmp_path)
+    path = f"{cloud}:/usr/bin:/bin"
+    assert subprocess.run(["bash", "-c", "command -v python"], env={"PATH": path}).returncode
+    proc = launch("slurm.sh", "--dry-run", "sweep", "--grid=depth=8,14,20", WORKDIR="/shared/s",
+                  VENV=sys.prefix, PATH=path)
+    assert proc.returncode == 0, proc.stderr
+    assert "#SBATCH --array=0-2%16" in proc.stdout.splitlines()
+    (tmp_path / "bin").mkdir()
+    this_python3(tmp_path / "bin")
+    proc = launch("slurm.sh", "--dry-run", "sweep", "--grid=depth=8,14", WORKDIR="/shared/s",
+                  PATH=f"{tmp_path / 'bin'}:{path}")
+    assert proc.returncode == 0, proc.stderr
+    assert "#SBATCH --array=0-1%16" in proc.stdout.splitlines()
 
 
 def test_slurm_sweep_is_a_job_array_over_every_run_then_the_report():
@@ -206,10 +281,10 @@ def test_slurm_sweep_is_a_job_array_over_every_run_then_the_report():
     # The paper preset: 5 depths x plain/residual x 5 seeds, and ResNet-1202 x 5 seeds.
     assert "#SBATCH --array=0-54%16" in lines
     assert "#SBATCH --gpus-per-task=1" in lines
-    assert (f"python -m experiments.sweep {PAPER} --root=/shared/sweep "
+    assert (f"srun python3 -m experiments.sweep {PAPER} --root=/shared/sweep "
             "--index=$SLURM_ARRAY_TASK_ID --no-report") in lines
     assert "sbatch --parsable --dependency=afterok:JOBID " in lines
-    assert "python -m experiments.report --root=/shared/sweep" in lines
+    assert "python3 -m experiments.report --root=/shared/sweep" in lines
 
 
 def test_slurm_sweep_of_a_grid_and_bad_sweeps():
@@ -303,26 +378,29 @@ def test_tpu_copy_refuses_a_workdir_that_scp_would_split(tmp_path):
     assert not (tmp_path / "calls").exists()
 
 
-@pytest.mark.parametrize("command", ["run", "sweep"])
+@pytest.mark.parametrize("command", ["run", "run without overrides", "sweep"])
 def test_slurm_jobs_get_every_path_and_value_whole(tmp_path, command):
     # Each #SBATCH line is one argument to sbatch, the --output path included (a % doubled, since
     # sbatch reads %j there); the batch script, run by bash, runs the program with exactly these
-    # arguments, and nothing else.
+    # arguments, and nothing else (no empty one where there are no overrides).
     cloud, worker = fakes(tmp_path)
     workdir = f"{tmp_path}/100% my runs; touch {tmp_path}/injected"
     venv = tmp_path / "my venv; (jax)"
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "activate").write_text("true\n")
-    args = {"run": ["run", CIFAR, STEPS], "sweep": ["sweep", PAPER, STEPS]}[command]
+    this_python3(venv / "bin")  # lists the sweep's runs
+    args = {"run": ["run", CIFAR, STEPS], "run without overrides": ["run", CIFAR],
+            "sweep": ["sweep", PAPER, STEPS]}[command]
     proc = launch("slurm.sh", "--dry-run", *args, WORKDIR=workdir, VENV=str(venv),
                   PATH=on_path(cloud))
     assert proc.returncode == 0, proc.stderr
     assert not (tmp_path / "calls").exists()
     output = f"--output={tmp_path}/100%% my runs; touch {tmp_path}/injected/slurm-"
-    python = [f"python in {REPO}", "-m"]
+    python = [f"python3 in {REPO}", "-m"]
+    train = python + ["resnet_jax.main", "train", f"--config={CIFAR}", f"--workdir={workdir}"]
     expected = {
-        "run": [(output + "%j.out", python + ["resnet_jax.main", "train", f"--config={CIFAR}",
-                                              f"--workdir={workdir}", STEPS])],
+        "run": [(output + "%j.out", train + [STEPS])],
+        "run without overrides": [(output + "%j.out", train)],
         "sweep": [(output + "%A_%a.out", python + ["experiments.sweep", PAPER, STEPS,
                                                    f"--root={workdir}", "--index=3",
                                                    "--no-report"]),
