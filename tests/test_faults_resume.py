@@ -104,8 +104,10 @@ def test_a_deleted_train_lock_is_taken_again_and_a_trainer_that_lost_it_stops(tm
     try:
         wait_for_records(first, workdir, 1)
         lock.unlink()
-        while not lock.exists():  # taken again at the next record
-            assert first.poll() is None, first.communicate()
+        # Taken again before the next record (two: one may have been checked before the unlink).
+        lines = len((workdir / "metrics.jsonl").read_text().splitlines())
+        wait_for_records(first, workdir, lines + 2)
+        assert lock.exists()
         proc = train(workdir, "--config.total_steps=20")
         assert proc.returncode == 2, proc.stdout
         assert f"in use by another trainer (pid {first.pid} on " in last_stderr_line(proc.stderr)
