@@ -5,9 +5,9 @@ process never leaves a checkpoint that looks finished. A step holds the train st
 `default`) and the training metrics of the steps since the last logged record (item `window`),
 so that a resumed run logs what an unbroken one does. Restoring walks back from the newest step
 and says so when it has to skip a damaged one, or a folder that holds no checkpoint; a checkpoint
-of a different setup is not damage, and is refused. `WorkdirLock` keeps a second trainer out of a workdir in use. `PreemptionWatch`
-turns a preemption notice (SIGTERM) or an interrupt (SIGINT, Ctrl-C) into a checkpoint and a
-clean stop (tests/test_faults.py).
+of a different setup is not damage, and is refused. `WorkdirLock` keeps a second trainer out of
+a workdir in use. `PreemptionWatch` turns a preemption notice (SIGTERM) or an interrupt (SIGINT,
+Ctrl-C) into a checkpoint and a clean stop (tests/test_faults.py).
 """
 
 from __future__ import annotations
@@ -270,24 +270,35 @@ class WorkdirLock:
         return ""
 
     def check(self) -> None:
-        """Raises WorkdirBusy when the lock file is no longer the one this process locked and
-        another trainer holds the new one; a deleted file is locked again (with a warning)."""
-        if self._file is None:
-            return
+        """Raises WorkdirBusy, in every process, when the lock file is no longer the one
+        process 0 locked and another trainer holds the new one; a deleted file is locked again
+        (with a warning)."""
+        holder = self._retake() if jax.process_index() == 0 else ""
+        if jax.process_count() > 1:  # every process stops, not only process 0
+            lost = multihost_utils.broadcast_one_to_all(np.int32(bool(holder)))
+            holder = holder or ("another trainer (see process 0's log)" if lost else "")
+        if holder:
+            raise WorkdirBusy(f"{self.path} was deleted and another trainer took the workdir "
+                              f"({holder}): this one stops here, writing nothing more; let the "
+                              "other one finish, or stop it and rerun")
+
+    def _retake(self) -> str:
+        """"" while the lock file is the one locked here, or was deleted and is locked again;
+        else who holds the file now there."""
+        if self._file is None:  # not locked here (a file system without locks)
+            return ""
         try:
             if os.path.samestat(os.fstat(self._file.fileno()), os.stat(self.path)):
-                return
+                return ""
         except FileNotFoundError:
             pass
         self._file.close()
         self._file = None
         holder = self._acquire()
-        if holder:
-            raise WorkdirBusy(f"{self.path} was deleted and another trainer took the workdir "
-                              f"({holder}): this one stops here, writing nothing more; let the "
-                              "other one finish, or stop it and rerun")
-        print(f"warning: {self.path} was deleted or replaced while training: locked again",
-              flush=True)
+        if not holder:
+            print(f"warning: {self.path} was deleted or replaced while training: locked again",
+                  flush=True)
+        return holder
 
     def __enter__(self):
         return self
