@@ -1,11 +1,13 @@
 """Checkpoints: Orbax, one directory `WORKDIR/checkpoints/<step>` per save, atomic by design.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a killed
-process never leaves a checkpoint that looks finished. Restoring walks back from the newest step
-and says so when it has to skip a damaged one; a checkpoint of a different setup is not damage,
-and is refused. `WorkdirLock` keeps a second trainer out of a workdir in use. `PreemptionWatch`
-turns a preemption notice (SIGTERM), an interrupt (SIGINT, Ctrl-C) or a hang-up (SIGHUP) into a
-checkpoint and a clean stop (tests/test_faults.py).
+process never leaves a checkpoint that looks finished. A step holds the train state (item
+`default`) and the training metrics of the steps since the last logged record (item `window`),
+so that a resumed run logs what an unbroken one does. Restoring walks back from the newest step
+and says so when it has to skip a damaged one, or a folder that holds no checkpoint; a checkpoint
+of a different setup is not damage, and is refused. `WorkdirLock` keeps a second trainer out of
+a workdir in use. `PreemptionWatch` turns a preemption notice (SIGTERM), an interrupt (SIGINT,
+Ctrl-C) or a hang-up (SIGHUP) into a checkpoint and a clean stop (tests/test_faults.py).
 """
 
 from __future__ import annotations
@@ -64,6 +66,11 @@ WRITE_FAILURES = {"No space left on device": errno.ENOSPC, "File too large": err
                   "Disk quota exceeded": errno.EDQUOT}
 
 
+# The items of a step: the train state, and the record window (JSON; absent in checkpoints of
+# versions before it, which hold `default` alone in the same layout).
+STATE, WINDOW = "default", "window"
+
+
 class Checkpointer:
     def __init__(self, directory: pathlib.Path, *, keep: int, read_only: bool = False):
         ocp = _orbax()
@@ -77,18 +84,28 @@ class Checkpointer:
         quiet, absl_log = _ReadOnlyIsNoNews(), logging.getLogger("absl")  # Orbax logs via absl
         absl_log.addFilter(quiet)
         try:
-            self.manager = ocp.CheckpointManager(self.directory, options=options)
+            # The items named up front: a manager left to infer them from the first step it
+            # reads takes an empty step folder for a checkpoint of no items and refuses every
+            # later step (issue 24).
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=options,
+                item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                               WINDOW: ocp.JsonCheckpointHandler()})
         finally:
             absl_log.removeFilter(quiet)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state) -> None:
-        """Writes `step`; a failed write (a full disk) leaves only Orbax's temporary directory,
-        which no restore mistakes for a checkpoint, and raises OSError."""
+    def save(self, step: int, state, window: dict) -> None:
+        """Writes `step`: `state` and the record `window` (a JSON object); a failed write (a
+        full disk) leaves only Orbax's temporary directory, which no restore mistakes for a
+        checkpoint, and raises OSError."""
+        args = _orbax().args
         try:
-            self.manager.save(step, args=_orbax().args.StandardSave(state), force=True)
+            self.manager.save(step, args=args.Composite(**{STATE: args.StandardSave(state),
+                                                           WINDOW: args.JsonSave(window)}),
+                              force=True)
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - Orbax and TensorStore wrap OS errors variously
             # The reason's own errno, so that the CLI reports it as the failed write it is.
@@ -97,10 +114,13 @@ class Checkpointer:
                           f"written ({reason or type(e).__name__})", str(self.directory)) from e
 
     def read_latest(self, target, steps: tuple[int, ...] | None = None):
-        """(step, state, unreadable): the newest checkpoint that restores, with `target`'s
-        structure and shardings ((None, None, ...) when none does), and the newer steps that
-        could not be read, each reported. Moves nothing: analyses use this directly. With
-        `steps`, only those are tried.
+        """(step, state, window, unreadable): the newest checkpoint that restores, with
+        `target`'s structure and shardings, and its record window (None in a checkpoint
+        written without one); (None, None, None, ...) when none restores. `unreadable`: the
+        newer steps that could not be read, each reported. A step folder that holds no
+        checkpoint (no `default/`: made by hand, or emptied) is reported and skipped, and is
+        not counted as unreadable. Moves nothing: analyses use this directly. With `steps`,
+        only those are tried.
 
         Raises SetupMismatch when a checkpoint that fails to restore holds other shapes or
         another structure than `target`: a changed dataset or model, not damage.
@@ -110,9 +130,17 @@ class Checkpointer:
         unreadable = []
         for step in sorted((s for s in self.manager.all_steps() if steps is None or s in steps),
                            reverse=True):
+            folder = self.directory / str(step)
+            if not (folder / STATE).is_dir():
+                print(f"checkpoint folder {folder} holds no checkpoint (no {STATE}/); skipped",
+                      flush=True)
+                continue
+            items = {STATE: ocp.args.StandardRestore(abstract)}
+            if (folder / WINDOW).is_dir():
+                items[WINDOW] = ocp.args.JsonRestore()
             try:
-                return (step, self.manager.restore(step, args=ocp.args.StandardRestore(abstract)),
-                        unreadable)
+                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+                return step, restored[STATE], restored.get(WINDOW), unreadable
             except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise variously
                 difference = self._difference(step, abstract)
                 if difference:
@@ -121,7 +149,7 @@ class Checkpointer:
                 print(f"checkpoint {step} could not be read ({type(e).__name__}: "
                       f"{str(e).splitlines()[0][:200]}); falling back to the previous one",
                       flush=True)
-        return None, None, unreadable
+        return None, None, None, unreadable
 
     def _difference(self, step: int, abstract) -> str | None:
         """The first array of checkpoint `step` whose shape or dtype differs from `abstract`'s,
@@ -129,7 +157,7 @@ class Checkpointer:
         the step is damaged). Asked only of a step that failed to restore, so a comparison that
         misses a subtlety of Orbax's tree can never refuse a checkpoint that restores."""
         try:
-            metadata = self.manager.item_metadata(step)
+            metadata = self.manager.item_metadata(step)[STATE]
             stored = _shapes(getattr(metadata, "tree", metadata))  # TreeMetadata in newer Orbax
         except Exception:  # noqa: BLE001 - unreadable metadata is damage
             return None
@@ -143,30 +171,37 @@ class Checkpointer:
         return None
 
     def restore_latest(self, target, *, restart: bool = False):
-        """The newest checkpoint that restores, with `target`'s structure and shardings.
+        """(state, window) of the newest checkpoint that restores, with `target`'s structure
+        and shardings (`read_latest`).
 
-        Returns None when there is none. A damaged newer step is reported and moved aside to
-        `<step>.damaged` (kept for inspection, out of the way of the step's next save). Raises
-        SetupMismatch for a checkpoint of another setup, and NoneReadable when checkpoints exist
-        but none can be read, unless `restart`: then all are moved aside and None is returned.
-        Nothing is moved when it raises.
+        Returns None when there is none. A damaged newer step, or a newer folder that holds no
+        checkpoint, is moved aside to `<step>.damaged` (kept for inspection, out of the way of
+        the step's next save). Raises SetupMismatch for a checkpoint of another setup, and
+        NoneReadable when checkpoints exist but none can be read, unless `restart`: then those
+        (each tried and failed: no readable one is ever among them) are moved aside and None
+        is returned. Nothing is moved when it raises.
         """
-        _, restored, damaged = self.read_latest(target)
+        step, restored, window, damaged = self.read_latest(target)
         if restored is None and damaged and not restart:
             raise NoneReadable(f"no checkpoint in {self.directory} could be read (tried "
                                f"{', '.join(map(str, damaged))})")
-        if damaged:
+        empty = [s for s in self.manager.all_steps()
+                 if (step is None or s > step) and not (self.directory / str(s) / STATE).is_dir()]
+        if restored is None and damaged:
+            print(f"--restart: none of checkpoints {', '.join(map(str, damaged))} could be read; "
+                  "moving them aside (<step>.damaged) and training from step 0", flush=True)
+        if damaged or empty:
             if jax.process_index() == 0:
-                for step in damaged:
-                    path, n = self.directory / str(step), 0
-                    aside = path.with_name(f"{step}.damaged")
+                for s in [*damaged, *empty]:
+                    path, n = self.directory / str(s), 0
+                    aside = path.with_name(f"{s}.damaged")
                     while aside.exists():  # set aside before, at an earlier save of this step
                         n += 1
-                        aside = path.with_name(f"{step}.damaged.{n}")
+                        aside = path.with_name(f"{s}.damaged.{n}")
                     path.rename(aside)
             multihost_utils.sync_global_devices("checkpoint: damaged steps moved aside")
             self.manager.reload()
-        return restored
+        return None if restored is None else (restored, window)
 
     def close(self) -> None:
         self.manager.close()
@@ -208,13 +243,18 @@ class WorkdirLock:
     NFS lock manager shares between hosts; a mount without working locks cannot guard a workdir:
     NFS mounted with `nolock` locks per host only, without a word, and where flock fails (some
     FUSE mounts) a warning is printed and the run goes on unguarded.
+
+    A lock file deleted under a running trainer (`rm`, a cleanup script) would let a second one
+    in: `check`, before each write, takes a deleted file again, and stops this trainer if
+    another one has taken the workdir meanwhile.
     """
 
     def __init__(self, workdir: pathlib.Path, *, user: str = "trainer", shared: bool = False):
         name, refusal = LOCKS[user]
         self.path, self._file, holder = workdir / name, None, ""
+        self._mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         if jax.process_index() == 0:
-            holder = self._acquire(fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            holder = self._acquire(self._mode)
         if jax.process_count() > 1:  # every process stops, not only process 0
             busy = multihost_utils.broadcast_one_to_all(np.int32(bool(holder)))
             holder = holder or (f"another {user} (see process 0's log)" if busy else "")
@@ -259,6 +299,37 @@ class WorkdirLock:
         file.flush()
         self._file = file
         return ""
+
+    def check(self) -> None:
+        """Raises WorkdirBusy, in every process, when the lock file is no longer the one
+        process 0 locked and another trainer holds the new one; a deleted file is locked again
+        (with a warning)."""
+        holder = self._retake() if jax.process_index() == 0 else ""
+        if jax.process_count() > 1:  # every process stops, not only process 0
+            lost = multihost_utils.broadcast_one_to_all(np.int32(bool(holder)))
+            holder = holder or ("another trainer (see process 0's log)" if lost else "")
+        if holder:
+            raise WorkdirBusy(f"{self.path} was deleted and another trainer took the workdir "
+                              f"({holder}): this one stops here, writing nothing more; let the "
+                              "other one finish, or stop it and rerun")
+
+    def _retake(self) -> str:
+        """"" while the lock file is the one locked here, or was deleted and is locked again;
+        else who holds the file now there."""
+        if self._file is None:  # not locked here (a file system without locks)
+            return ""
+        try:
+            if os.path.samestat(os.fstat(self._file.fileno()), os.stat(self.path)):
+                return ""
+        except FileNotFoundError:
+            pass
+        self._file.close()
+        self._file = None
+        holder = self._acquire(self._mode)
+        if not holder:
+            print(f"warning: {self.path} was deleted or replaced while training: locked again",
+                  flush=True)
+        return holder
 
     def __enter__(self):
         return self

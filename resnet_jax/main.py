@@ -27,7 +27,7 @@ import textwrap
 from collections.abc import Callable
 
 from absl import flags
-from ml_collections import config_flags
+from ml_collections import ConfigDict, config_flags
 
 from resnet_jax import cli
 
@@ -87,13 +87,19 @@ def _parse(argv: list[str], command: str):
         config = config_flag.value if config_flag is not None else None
         if config is not None:
             config.keys()  # a config file that failed to load raises only when first used
+            if not isinstance(config, ConfigDict):  # a dict: every key is read as an attribute
+                raise UsageError(f"get_config() of {_config_path(argv)} returned a "
+                                 f"{type(config).__name__}, not an ml_collections.ConfigDict: "
+                                 "return ml_collections.ConfigDict(...), as resnet_jax/configs/"
+                                 "cifar.py does")
         return config, fv
     except OSError:
-        path = next((a.split("=", 1)[1].partition(":")[0] for a in argv
-                     if a.startswith("--config=")), "")
-        raise UsageError(f"config file {path} not found: pass --config=resnet_jax/configs/"
-                         "cifar.py[:ARGS] or another file in resnet_jax/configs/") from None
+        raise UsageError(f"config file {_config_path(argv)} not found: pass --config=resnet_jax/"
+                         "configs/cifar.py[:ARGS] or another file in resnet_jax/configs/") from None
     except (AttributeError, KeyError) as e:  # ml_collections' answer to an unknown --config.KEY
+        if "has no attribute 'get_config'" in str(e):  # a Python file, but no config file
+            raise UsageError(f"{_config_path(argv)} has no get_config(): pass a config file, "
+                             "e.g. --config=resnet_jax/configs/cifar.py[:ARGS]") from None
         text = str(e).replace("\\", "")
         key = re.search(r"[A-Za-z_][\w.]*", text)
         hint = re.search(r'Did you mean "([\w.]+)"', text)
@@ -118,6 +124,12 @@ def _parse(argv: list[str], command: str):
             cause = cause.__cause__ or cause.__context__
         text = str(cause).strip()
         raise UsageError(text.splitlines()[-1] if text else str(e).splitlines()[0]) from None
+
+
+def _config_path(argv: list[str]) -> str:
+    """The file of the --config flag in `argv`."""
+    return next((a.split("=", 1)[1].partition(":")[0] for a in argv
+                 if a.startswith("--config=")), "")
 
 
 def _stray_message(stray: list[str], command: str) -> str:

@@ -24,13 +24,17 @@ TIMING_KEYS = frozenset({"time", "examples_per_sec", "eval_seconds", "checkpoint
 
 def read_records(path: pathlib.Path) -> list[dict]:
     """The complete records of a metrics.jsonl; a line cut short by a killed process is not one
-    (the resumed run writes it again), for the trainer and every reader alike."""
+    (the resumed run writes it again), for the trainer and every reader alike. Neither is a
+    damaged line (bytes that are not UTF-8, JSON that is not an object with a step): each is
+    read like a cut one, line by line, so that one bad line costs only itself."""
     out = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().splitlines():
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
+            record = json.loads(line)
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            out.append(record)
     return out
 
 

@@ -106,9 +106,11 @@ def use_compilation_cache() -> str | None:
     compilation cache). The directory: $RESNET_JAX_COMPILE_CACHE, else `jax-compile` in the data
     cache ($RESNET_JAX_CACHE, else ~/.cache/resnet_jax); RESNET_JAX_COMPILE_CACHE=off turns it
     off. An entry is reused only for the same program, compiler options, JAX version and
-    devices (JAX's cache key), so it cannot change what is computed. A directory that cannot be
-    written is one line on stderr and no cache: the run goes on. The path, or None."""
-    from resnet_jax import data
+    devices (JAX's cache key), so it cannot change what is computed. Entries are written whole
+    or not at all, and a damaged one is removed and compiled again (compile_cache.py). A
+    directory that cannot be written is one line on stderr and no cache: the run goes on. The
+    path, or None."""
+    from resnet_jax import compile_cache, data
 
     value = os.environ.get("RESNET_JAX_COMPILE_CACHE")
     if value == "off":
@@ -122,6 +124,7 @@ def use_compilation_cache() -> str | None:
               "RESNET_JAX_COMPILE_CACHE to a directory you can write to, or to off",
               file=sys.stderr)
         return None
+    compile_cache.install()
     jax.config.update("jax_compilation_cache_dir", str(path))
     # JAX caches only programs that took over a second to compile, and on CPU most take less.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)

@@ -27,6 +27,7 @@ from jax.extend import core as jax_core
 from resnet_jax import data, models, parallel, pipeline, xla_cpu
 from resnet_jax.checkpoint import (Checkpointer, NoneReadable, Preempted, PreemptionWatch,
                                    SetupMismatch, WorkdirBusy, WorkdirLock)
+from resnet_jax.configs import cifar, imagenet
 from resnet_jax.files import write_atomically
 from resnet_jax.metrics import MetricsWriter
 
@@ -442,6 +443,7 @@ def restore_trained(workdir: str | pathlib.Path, step: int | None = None):
     if not (workdir / "config.json").exists():
         raise ConfigError(f"{workdir} holds no run (no config.json): pass a run's --workdir")
     config = ml_collections.ConfigDict(read_run_json(workdir / "config.json"))
+    _check_keys(workdir / "config.json", config)
     data_dir = config.tfds_data_dir or None
     if pipeline.is_streamed(config.dataset):
         ds, num_classes, in_channels = None, pipeline.num_classes(config.dataset, data_dir), 3
@@ -459,7 +461,7 @@ def restore_trained(workdir: str | pathlib.Path, step: int | None = None):
                                 read_only=True)
     try:
         latest = checkpointer.latest_step()
-        step, restored, unreadable = checkpointer.read_latest(
+        step, restored, _, unreadable = checkpointer.read_latest(
             state, None if wanted is None else (wanted,))
     except SetupMismatch as e:
         raise ConfigError(f"{workdir} holds checkpoints of a different setup ({e}): the data "
@@ -478,6 +480,18 @@ def restore_trained(workdir: str | pathlib.Path, step: int | None = None):
         f" (its summary.json says step {summary['step']}: the newer checkpoints could not be "
         "read)" if wanted is None and summary.get("step", step) > step else ""), flush=True)
     return graphdef, restored, config, ds, step
+
+
+def _check_keys(path: pathlib.Path, config) -> None:
+    """Refuses a run's config that lacks a key of its config file's defaults: one written
+    before the key was added, whose value the run was trained with is not known here."""
+    defaults = (imagenet if config.get("model") == "imagenet" else cifar).get_config()
+    missing = sorted(set(defaults.keys()) - set(config.keys()))
+    if missing:
+        raise ConfigError(
+            f"{path} has no {', '.join(missing)} (written before these keys existed): add "
+            "them with the values the run was trained with (the defaults: "
+            + ", ".join(f"{k}={defaults[k]!r}" for k in missing) + ")")
 
 
 # --- The loop ------------------------------------------------------------------------------
@@ -635,15 +649,15 @@ class _Training:
                               f"images, fewer than batch_size={config.batch_size}: lower "
                               "batch_size")
         facts = _dataset_facts(self.feed)
-        _lock_workdirs(held, configs, workdirs, facts)
+        self.locks = _lock_workdirs(held, configs, workdirs, facts)
         graphdef, state, train_step = make_training(
             config, backend, num_classes=self.feed.num_classes,
             in_channels=self.feed.in_channels)
         self.calls = TrainCalls(config, backend, train_step, self.feed)
         self.checkpointers = [Checkpointer(w / "checkpoints", keep=config.keep_checkpoints)
                               for w in workdirs]
-        self.start, state = _restore(self.checkpointers, workdirs, backend, state, restart,
-                                     config.total_steps)
+        self.start, state, windows = _restore(self.checkpointers, workdirs, backend, state,
+                                              restart, config.total_steps)
         # Only now that every check has passed: a refused rerun leaves the run as it was.
         for c, w in zip(configs, workdirs):
             _write_json(w / "config.json", json.loads(c.to_json()))
@@ -655,6 +669,13 @@ class _Training:
             writer.truncate(self.start)
         # The step of each run's last record: the record after the warm-up's end names it.
         self.logged = [writer.last_record().get("step", 0) for writer in self.writers]
+        for w, window, logged in zip(workdirs, windows, self.logged):
+            if window is None and logged < self.start:
+                print(f"checkpoint {self.start} in {w} holds no record window (written by an "
+                      f"older version): the next record averages the steps from "
+                      f"{self.start} on, not from {logged}", flush=True)
+        # Each run's steps since its last record that are not in `pending` (restored ones).
+        self.carried = [_window_steps(w or _EMPTY_WINDOW) for w in windows]
         self.eval_step = jax.jit(backend.map_seeds(make_eval_step(graphdef), (0, None, None)),
                                  compiler_options=backend.compiler_options)
         self.state = backend.put_state(state)
@@ -693,8 +714,9 @@ class _Training:
                                  if evaluate else None)
                     self.log(done, fetched, speed, evaluated)
                 if save or preempted:
-                    _check_finite(self._fetch(pending), done)  # never checkpoint a NaN
-                    self.clock.aside("checkpoint_seconds", self.save, done)
+                    fetched = self._fetch(pending)
+                    _check_finite(fetched, done)  # never checkpoint a NaN
+                    self.clock.aside("checkpoint_seconds", self.save, done, fetched)
                 if preempted:
                     raise Preempted(done, self.workdirs[0], watch.signum)
                 step = done
@@ -724,14 +746,16 @@ class _Training:
     def log(self, done: int, fetched: list[dict], speed, evaluated: list[dict] | None) -> None:
         """Writes each run's record of the steps since the last (`fetched`, their metrics): loss
         and error averaged over them, the rest (lr, diagnostics) of the last; and `evaluated`."""
+        _check_locks(self.locks)
         rate, seconds_left = speed
         timings = self.clock.take_timings()
         per_step = [self.backend.runs_of(m) for m in fetched]
         for k, writer in enumerate(self.writers):
             own = [runs[k] for runs in per_step]
+            window = self.carried[k] + own
             record = {**per_layer_metrics(own[-1]),
-                      "train/loss": np.mean([m["loss"] for m in own]),
-                      "train/error": np.mean([m["error"] for m in own])}
+                      "train/loss": np.mean([m["loss"] for m in window]),
+                      "train/error": np.mean([m["error"] for m in window])}
             del record["loss"], record["error"], record["finite"]
             warmup_end = int(record.pop("warmup_end_step"))
             if self.logged[k] < warmup_end <= done:
@@ -744,6 +768,7 @@ class _Training:
             writer.write(done, record)
             writer.progress(done, record, seconds_left)
             self.records[k] = record
+        self.carried = [[] for _ in self.workdirs]
 
     def evaluate(self, whole: bool) -> list[dict]:
         """Each run's error (%) and loss on every evaluation split; `whole`: all of each split,
@@ -758,10 +783,17 @@ class _Training:
                 out[k] |= {f"{name}/error": 100.0 * wrong / count, f"{name}/loss": loss / count}
         return out
 
-    def save(self, done: int) -> None:
+    def save(self, done: int, fetched: list[dict]) -> None:
+        """Checkpoints each run at `done` with its record window: the steps since its last
+        record, those restored and `fetched` (the metrics of the steps not yet logged)."""
+        _check_locks(self.locks)
         global_state = self.backend.get_state(self.state)
-        for checkpointer, state in zip(self.checkpointers, self.backend.runs_of(global_state)):
-            checkpointer.save(done, state)
+        per_step = [self.backend.runs_of(m) for m in fetched]
+        for k, (checkpointer, state) in enumerate(zip(self.checkpointers,
+                                                      self.backend.runs_of(global_state))):
+            window = self.carried[k] + [runs[k] for runs in per_step]
+            checkpointer.save(done, state, {key: [float(m[key]) for m in window]
+                                            for key in _EMPTY_WINDOW})
 
     def _evaluate_lost_final_records(self) -> None:
         """A run restored at its last step whose final record is lost (killed between its last
@@ -873,22 +905,35 @@ class _Profile:
             print(f"profile of steps {self.window.start}-{self.last} -> {self.dir}", flush=True)
 
 
-def _lock_workdirs(held: contextlib.ExitStack, configs, workdirs, facts: dict) -> None:
+def _lock_workdirs(held: contextlib.ExitStack, configs, workdirs, facts: dict) -> list:
     """Creates and locks each run's workdir (held until `held` closes), checking again that it
-    holds this config's run on this data: another trainer may have just written it."""
+    holds this config's run on this data: another trainer may have just written it. The locks,
+    for `_check_locks`."""
+    locks = []
     for c, w in zip(configs, workdirs):
         w.mkdir(parents=True, exist_ok=True)
         try:
-            held.enter_context(WorkdirLock(w))
+            locks.append(held.enter_context(WorkdirLock(w)))
         except WorkdirBusy as e:
             raise ConfigError(str(e)) from None
         _check_workdir(w, c)
         _check_dataset(w, facts)
+    return locks
+
+
+def _check_locks(locks) -> None:
+    """Before a write: each workdir is still this trainer's (`WorkdirLock.check`)."""
+    for lock in locks:
+        try:
+            lock.check()
+        except WorkdirBusy as e:
+            raise ConfigError(str(e)) from None
 
 
 def _restore(checkpointers, workdirs, backend, state, restart: bool, total_steps: int):
-    """(start step, state): each run's latest readable checkpoint, all at one step, stacked as
-    `state` is; none: (0, `state`)."""
+    """(start step, state, windows): each run's latest readable checkpoint, all at one step,
+    stacked as `state` is, and each run's record window (`Checkpointer.save`; None for a
+    checkpoint written without one); none: (0, `state`, empty windows)."""
     restored = []
     for w, checkpointer, initial in zip(workdirs, checkpointers, backend.runs_of(state)):
         try:
@@ -899,21 +944,35 @@ def _restore(checkpointers, workdirs, backend, state, restart: bool, total_steps
         except NoneReadable as e:
             raise ConfigError(f"{e}: rerun with --restart to set them aside and train from step "
                               "0, or use a new --workdir") from None
-    steps = {None if r is None else int(r.step) for r in restored}
+    steps = {None if r is None else int(r[0].step) for r in restored}
     if len(steps) > 1:
         raise ConfigError(
             f"runs trained in one program must resume from one step, but their checkpoints are "
-            f"at {', '.join(str(r and int(r.step)) for r in restored)}: train them separately")
+            f"at {', '.join(str(r and int(r[0].step)) for r in restored)}: train them "
+            "separately")
     start = steps.pop() or 0
     if start > total_steps:  # its summary would name a step it is not at
         raise ConfigError(f"workdir {workdirs[0]} holds checkpoint {start}, past total_steps="
                           f"{total_steps}: pass --config.total_steps={start} or more, or use a "
                           "new --workdir")
     if restored[0] is None:
-        return 0, state
+        return 0, state, [_EMPTY_WINDOW for _ in workdirs]
     for w in workdirs:
         print(f"resuming from step {start} in {w}", flush=True)
-    return start, backend.stack_runs(restored)
+    return start, backend.stack_runs([r[0] for r in restored]), [r[1] for r in restored]
+
+
+# A run's record window: the loss and error of each step since its last record, which the next
+# record averages (`_Training.log`); stored with each checkpoint, so that a run resumed at a step
+# between two records logs what an unbroken run logs.
+_EMPTY_WINDOW = {"loss": [], "error": []}
+
+
+def _window_steps(window: dict) -> list[dict]:
+    """A stored record window as the loop keeps it: one {loss, error} per step, float32 as the
+    train step returned them (so that the record's mean is the unbroken run's, bit for bit)."""
+    return [{"loss": np.float32(loss), "error": np.float32(error)}
+            for loss, error in zip(window["loss"], window["error"], strict=True)]
 
 
 def _finish(config, workdir: pathlib.Path, final: dict, num_classes: int) -> dict:

@@ -161,6 +161,25 @@ def test_non_integer_config_argument_is_named(tmp_path, capsys):
     assert not workdir.exists()
 
 
+def test_a_python_file_that_is_no_config_file_is_named(tmp_path):
+    """In a process of its own: ml_collections loads every config file as one module name, so
+    in this process the file would take over the get_config of the config loaded before it."""
+    proc = subprocess.run([sys.executable, "-m", "resnet_jax.main", "train",
+                           "--config=resnet_jax/files.py", f"--workdir={tmp_path}/run"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert_usage_error(proc.returncode, proc.stdout, proc.stderr,
+                       "resnet_jax/files.py has no get_config()", "configs/cifar.py")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_get_config_returning_a_dict_is_named(tmp_path, capsys):
+    config = tmp_path / "my_config.py"
+    config.write_text("def get_config():\n    return {'depth': 8}\n")
+    rc, out, err = run_cli(capsys, ["train", f"--config={config}", f"--workdir={tmp_path}/run"])
+    assert_usage_error(rc, out, err, str(config), "returned a dict", "ConfigDict")
+    assert not (tmp_path / "run").exists()
+
+
 def test_missing_config_file_is_named(tmp_path, capsys):
     missing = tmp_path / "my_config.py"
     rc, out, err = run_cli(capsys, ["train", f"--config={missing}", f"--workdir={tmp_path}/run"])
@@ -325,16 +344,23 @@ def test_cut_run_json_in_a_sweep_is_one_line_naming_it(finished_run, tmp_path, c
     assert len(lines) == 1 and str(workdir / name) in lines[0], err
 
 
-def test_report_reads_a_cut_metrics_line_as_the_trainer_does(finished_run, tmp_path):
+@pytest.mark.parametrize("damage", [json.dumps({"step": 25, "train/loss": 1.0})[:12].encode(),
+                                    b'{"step": 25, "train/loss": \xff\xfe}\n', b"[1, 2]\n",
+                                    b'"a string"\n{"no step": 1}\n'],
+                         ids=["cut", "not UTF-8", "a list", "no object with a step"])
+def test_report_reads_a_cut_or_damaged_metrics_line_as_the_trainer_does(finished_run, tmp_path,
+                                                                          damage):
     """A run killed mid-write leaves half a line at the end of metrics.jsonl; its resume drops
-    it (metrics.MetricsWriter.records), and a report of the sweep leaves it out the same way."""
+    it (metrics.MetricsWriter.records), and a report of the sweep leaves it out the same way.
+    So are damaged lines (bytes that are not UTF-8, JSON that is no record), wherever they are."""
     from experiments import common
     from resnet_jax.metrics import MetricsWriter
 
     workdir = copy_run(finished_run, tmp_path / "root" / "run")
     complete = metrics(workdir)
-    with (workdir / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps({"step": 25, "train/loss": 1.0})[:12])
+    lines = (workdir / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    (workdir / "metrics.jsonl").write_bytes(b"".join(lines[:2]) + damage.rstrip(b"\n") + b"\n"
+                                            + b"".join(lines[2:]) + damage)
     [run] = common.collect(tmp_path / "root")
     assert run["curve"] == complete
     assert MetricsWriter(workdir, total_steps=20).records() == complete
@@ -947,6 +973,19 @@ def test_eval_bad_input_is_one_line_and_changes_nothing(finished_run, tmp_path, 
     rc, out, err = run_cli(capsys, ["eval", f"--workdir={workdir}", *args])
     assert_usage_error(rc, out, err, *words)
     assert snapshot(tmp_path / "run") == before
+
+
+def test_eval_of_a_config_without_a_key_added_later_is_one_line(finished_run, tmp_path, capsys):
+    """A run of a version before a key existed: its value is not known, so it is asked for."""
+    workdir = copy_run(finished_run, tmp_path / "run")
+    config = json.loads((workdir / "config.json").read_text())
+    del config["validation_size"]
+    (workdir / "config.json").write_text(json.dumps(config))
+    before = snapshot(workdir)
+    rc, out, err = run_cli(capsys, ["eval", f"--workdir={workdir}"])
+    assert_usage_error(rc, out, err, str(workdir / "config.json"), "has no validation_size",
+                       "validation_size=0")
+    assert snapshot(workdir) == before
 
 
 def test_eval_on_another_dataset_keeps_the_runs_preprocessing(tmp_path, capsys):
