@@ -292,6 +292,38 @@ def test_cut_run_json_is_one_line_naming_it(finished_run, tmp_path, capsys, name
                 == json.loads((finished_run / name).read_text()))
 
 
+def run_hparams(workdir):
+    """The HParams sessions in a run's own TensorBoard folder: (start infos, end infos, scalars)."""
+    from tests.test_report import hparams_data
+
+    [events] = (workdir / "tensorboard").glob("events.out.tfevents.*")
+    found, scalars = hparams_data(events)
+    assert "_hparams_/experiment" not in found  # the sweep's report names the columns, once
+    return (found.get("_hparams_/session_start_info", []),
+            found.get("_hparams_/session_end_info", []), scalars)
+
+
+@pytest.mark.parametrize("run", ["finished", "resumed"])
+def test_a_run_is_its_own_hparams_session_beside_its_curves(finished_run, resumed_after_crash,
+                                                            run):
+    """Its config as the session's hparams (integers as the numbers they are), started once and
+    ended once however often it resumed; its final errors are the last points of its curves."""
+    from tests.test_report import hparam_values
+
+    workdir = finished_run if run == "finished" else resumed_after_crash[0]
+    starts, ends, scalars = run_hparams(workdir)
+    [start], [end] = starts, ends
+    values = hparam_values(start.session_start_info)
+    config = json.loads((workdir / "config.json").read_text())
+    assert values["depth"] == 8 and values["total_steps"] == 20 and values["dataset"] == "digits"
+    assert values["residual"] is True and values["lr_boundaries_steps"] == json.dumps(
+        config["lr_boundaries_steps"])
+    assert set(values) == {k for k, v in config.items() if v is not None}
+    assert end.session_end_info.status == 1  # STATUS_SUCCESS
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert scalars["test/error"][-1] == (20, pytest.approx(summary["test/error"]))
+
+
 def test_load_names_a_cut_config(finished_run, tmp_path):
     import resnet_jax
     from resnet_jax import train
