@@ -419,8 +419,8 @@ class Preprocessing:
             with np.load(path) as z:
                 return cls(z["mean"].astype(np.float32), int(z["image_size"]))
         except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
-            raise DataError(f"cannot read {path} ({type(e).__name__}): delete it and rerun the "
-                            "training command, which writes it again") from None
+            raise DataError(f"cannot read {path} ({type(e).__name__}): delete it, and the "
+                            "mean image is recomputed from the training set") from None
 
 
 def default_padding(image_size: int) -> int:

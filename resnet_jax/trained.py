@@ -85,7 +85,7 @@ def read_preprocessing(workdir: pathlib.Path, config,
                        ds: data.Dataset | None) -> data.Preprocessing:
     """The preprocessing saved in `workdir`; for a run from before it was saved, the same
     recomputed from `ds` (the run's dataset as `train.restore_trained` loads it), said on
-    stderr. Writes nothing: the run's next training command saves it."""
+    stderr. Writes nothing (the run trains no further to save it; a resumed run does)."""
     saved = data.Preprocessing.read(workdir)
     if saved is not None:
         return saved
@@ -94,6 +94,5 @@ def read_preprocessing(workdir: pathlib.Path, config,
     else:
         prep = data.Preprocessing(data.mean_image(ds.train.images), config.get("image_size", 0))
     print(f"{workdir} has no {data.PREPROCESSING} (trained before it was saved): recomputed "
-          f"its mean image from the training set; rerunning its training command saves it",
-          file=sys.stderr, flush=True)
+          "its mean image from the training set", file=sys.stderr, flush=True)
     return prep

@@ -86,8 +86,7 @@ def test_a_run_from_before_the_preprocessing_file_loads_and_says_so_once(run, tm
     net = resnet_jax.load(old)
     err = capsys.readouterr().err.splitlines()
     assert err == [f"{old} has no preprocessing.npz (trained before it was saved): recomputed "
-                   "its mean image from the training set; rerunning its training command "
-                   "saves it"]
+                   "its mean image from the training set"]
     test = data.load("digits").test
     assert int((net.predict(test.images) != test.labels).sum()) == wrong_in_summary(run)
     assert sorted(p.relative_to(old) for p in old.rglob("*")) == before  # nothing written
@@ -121,3 +120,14 @@ def test_the_docs_plain_orbax_recipe_needs_no_resnet_jax_and_predicts_the_same(r
     test = data.load("digits").test
     np.testing.assert_array_equal(scope["predict"](test.images),
                                   resnet_jax.load(run).predict(test.images))
+
+
+def test_a_damaged_preprocessing_file_is_one_line_naming_it(run, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run, damaged)
+    path = damaged / data.PREPROCESSING
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(data.DataError, match=f"cannot read {path} .*: delete it"):
+        resnet_jax.load(damaged)
+    path.unlink()  # as it says: then recomputed
+    assert resnet_jax.load(damaged).step == 20
