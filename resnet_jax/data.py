@@ -352,17 +352,22 @@ def _cached(stem: str, build: Callable[[], tuple[int, Split, Split]],
             # the rebuilt cache replaces it.
             print(f"discarding the unreadable data cache {path} ({type(e).__name__}); "
                   "decoding the dataset again", flush=True)
+    def unwritable(e: OSError) -> DataError:
+        return DataError(f"cannot write the data cache {path} ({e.strerror or e}): set "
+                         "$RESNET_JAX_CACHE to a directory you can write to, or free space")
+
+    try:  # before decoding for a minute
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise unwritable(e) from None
     with Phase(f"decoding {name} into the data cache {path}", f"decoded {name}") as phase:
         num_classes, train, test = build()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             write_atomically(path, lambda f: np.savez(
                 f, num_classes=num_classes, train_images=train.images, train_labels=train.labels,
                 test_images=test.images, test_labels=test.labels))
         except OSError as e:
-            raise DataError(f"cannot write the data cache {path} ({e.strerror or e}): set "
-                            "$RESNET_JAX_CACHE to a directory you can write to, or free space"
-                            ) from None
+            raise unwritable(e) from None
         phase.detail = (f": {len(train.labels) + len(test.labels):,} images -> {path} "
                         f"({path.stat().st_size / 1e6:.0f} MB)")
     return num_classes, train, test
