@@ -388,7 +388,8 @@ class TrainCalls:
             self.called, main = True, jax.process_index() == 0
             with Phase("compiling the train step", "compiled the train step", show=main):
                 out = self(state, first, count)  # returns once compiled and dispatched
-            with Phase("running the first train step", "ran the first train step", show=main):
+            steps = "train step" if count == 1 else f"{count} train steps"  # steps_per_call
+            with Phase(f"running the first {steps}", f"ran the first {steps}", show=main):
                 return jax.block_until_ready(out)
         if self.per_call == 1:
             return self._step(state, self.feed.train_batch(first))
