@@ -100,12 +100,18 @@ def tensorboard_scalars(workdir):
             event = Event.FromString(data[i + 12:i + 12 + length])
             i += 12 + length + 4
             for value in event.summary.value:
-                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+                if value.HasField("simple_value"):  # not the run's HParams session
+                    out.setdefault(value.tag, []).append((event.step, value.simple_value))
     return out
 
 
 def assert_tensorboard_holds_the_records(workdir):
-    """TensorBoard holds each record of metrics.jsonl once, nothing else."""
+    """TensorBoard holds each record of metrics.jsonl once, nothing else, and the run's
+    HParams session started once (ended at most once)."""
+    from tests.test_cli import run_hparams
+
+    starts, ends, _ = run_hparams(workdir)
+    assert len(starts) == 1 and len(ends) <= 1
     lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     want = {}
     for record in lines:
