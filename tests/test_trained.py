@@ -131,3 +131,11 @@ def test_a_damaged_preprocessing_file_is_one_line_naming_it(run, tmp_path):
         resnet_jax.load(damaged)
     path.unlink()  # as it says: then recomputed
     assert resnet_jax.load(damaged).step == 20
+
+
+def test_the_readmes_load_example_runs_and_prints_summarys_test_error(run, capsys):
+    [block] = [b for b in re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(),
+                                     re.S) if "resnet_jax.load(" in b]
+    exec(block.replace('"runs/r20"', repr(str(run))), {})
+    printed = float(capsys.readouterr().out.splitlines()[-1])
+    assert printed == pytest.approx(json.loads((run / "summary.json").read_text())["test/error"])
