@@ -384,13 +384,17 @@ class TrainCalls:
             self._steps = backend.compile_steps(train_step, batch_of, self.per_call)
 
     def __call__(self, state, first: int, count: int):
-        if not self.called:  # compiles, then runs: each said on stderr, as each takes a while
-            self.called, main = True, jax.process_index() == 0
-            with Phase("compiling the train step", "compiled the train step", show=main):
-                out = self(state, first, count)  # returns once compiled and dispatched
-            steps = "train step" if count == 1 else f"{count} train steps"  # steps_per_call
-            with Phase(f"running the first {steps}", f"ran the first {steps}", show=main):
-                return jax.block_until_ready(out)
+        if self.called:
+            return self._call(state, first, count)
+        # The first call compiles, then runs: each said on stderr, as each takes a while.
+        self.called, main = True, jax.process_index() == 0
+        with Phase("compiling the train step", "compiled the train step", show=main):
+            out = self._call(state, first, count)  # returns once compiled and dispatched
+        steps = "train step" if count == 1 else f"{count} train steps"  # steps_per_call
+        with Phase(f"running the first {steps}", f"ran the first {steps}", show=main):
+            return jax.block_until_ready(out)
+
+    def _call(self, state, first: int, count: int):
         if self.per_call == 1:
             return self._step(state, self.feed.train_batch(first))
         return self._steps(state, self._data, first, count)
