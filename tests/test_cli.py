@@ -657,7 +657,8 @@ def test_bench_reports_throughput_compile_time_and_flops(capsys):
         assert r["gflops_per_step"] * 1e9 == pytest.approx(3 * 2 * 16 * macs, rel=1e-9)
 
 
-    assert_phases(err, [("compiling the train step of ResNet-8", "compiled the train step of ResNet-8"),
+    assert_phases(err, [("compiling the train step of ResNet-8",
+                         "compiled the train step of ResNet-8"),
                         ("running the first 2 train steps of ResNet-8 (not timed)",
                          "ran the first train steps of ResNet-8"),
                         ("compiling the train step of ResNet-14",

@@ -620,11 +620,13 @@ def test_the_readmes_two_key_grid_sweep_runs_end_to_end(tmp_path, capsys):
     assert not (tmp_path / "hparams").exists()
     # Each run said on stderr that it was compiling, and when its first step had run.
     err = capsys.readouterr().err
-    assert err.count("compiled the train step in ") == err.count("ran the first train step in ") == 8
+    assert (err.count("compiled the train step in ") == err.count("ran the first train step in ")
+            == 8)
 
 
 def test_the_readmes_sweep_file_is_declared_as_shown():
-    argv = readme_command(".venv/bin/python -m experiments.sweep --sweep=experiments/sweeps/lr_depth.py")
+    argv = readme_command(".venv/bin/python -m experiments.sweep "
+                          "--sweep=experiments/sweeps/lr_depth.py")
     runs = declare(*[a for a in argv if a.startswith("--sweep")]).runs
     assert len(runs) == 12
     assert runs[0].name == "depth=8,dataset=digits,seed=0,learning_rate=0.02"

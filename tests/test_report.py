@@ -247,7 +247,8 @@ def read_events(path):
 
 def hparams_data(path):
     """The HParams plugin data in a tfevents file, by tag (_hparams_/experiment,
-    _hparams_/session_start_info, ...), one list per tag; and its scalars: tag -> [(step, value)]."""
+    _hparams_/session_start_info, ...), one list per tag; and its scalars:
+    tag -> [(step, value)]."""
     from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
 
     found, scalars = {}, {}
