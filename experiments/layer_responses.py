@@ -27,6 +27,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 
+import resnet_jax
 from resnet_jax import data, models, train
 from resnet_jax.cli import ArgumentParser, int_list
 from resnet_jax.configs import net_name
@@ -35,8 +36,9 @@ DEPTHS = (20, 56, 110)
 
 
 def responses(run_dir: pathlib.Path, num_images: int, bn_images: int) -> list[float]:
-    model, config, ds = train.load_trained(run_dir)
-    mean = jnp.asarray(data.mean_image(ds.train.images))
+    net = resnet_jax.load(run_dir)
+    model, config, ds = net.model, net.config, net.dataset
+    mean = jnp.asarray(net.preprocessing.mean)
     if bn_images:
         # Shuffled: image folders list the training set class by class, and a batch of one
         # class has other statistics. Whole batches of the training BN group.

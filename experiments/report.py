@@ -22,8 +22,9 @@ no panels. Writes into ROOT:
       keys, error bars one std, each converged run a faint point (x: not converged).
   curves.png/.pdf  training curves as in He et al. 2015, Fig. 6: training error dashed, the
       metric bold, against iterations; one colour per group, one panel per value of `panels`.
-  hparams/  TensorBoard HParams, one session per finished run (`by` keys and seed; final train,
-      test and validation error), rebuilt whole each time: tensorboard --logdir=ROOT/hparams
+  events.out.tfevents.hparams  the columns of TensorBoard's HParams dashboard (`by` keys and
+      seed; final train, test and validation error); each run's session is in its own
+      tensorboard/ beside its curves: tensorboard --logdir=ROOT
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import pathlib
 import re
 import shutil
+import struct
 import sys
 
 from experiments.common import (SWEEP_JSON, converged, group_statistics, mean_std, not_converged,
@@ -384,26 +385,61 @@ def plot_curves(groups, panels: str | None, metric: str, root: pathlib.Path, tit
     plt.close(fig)
 
 
-def export_hparams(finished: list[dict], by: list[str], root: pathlib.Path) -> None:
-    """ROOT/hparams: one TensorBoard HParams session per finished run, named after it, built in a
-    temporary folder that then replaces the old one: a rerun leaves no duplicate sessions."""
-    from tensorboardX import SummaryWriter  # late: protobuf is slow to load
+HPARAMS_EXPERIMENT = "events.out.tfevents.hparams"  # in ROOT: TensorBoard reads *tfevents*
 
-    final, tmp = root / "hparams", root / f".hparams.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        with SummaryWriter(str(tmp)) as writer:
-            for r in finished:
-                hparams = {k: r["flat"].get(k) for k in [*by, "seed"]}
-                hparams = {k: json.dumps(v) if isinstance(v, (list, dict)) else v
-                           for k, v in hparams.items()}
-                metrics = {k: float(r["summary"][k]) for k in HPARAMS_METRICS
-                           if k in r["summary"]}
-                writer.add_hparams(hparams, metrics, name=r["name"])
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+def export_hparams(finished: list[dict], by: list[str], root: pathlib.Path) -> None:
+    """The columns of TensorBoard's HParams dashboard over the sweep (`tensorboard
+    --logdir=ROOT`): one experiment summary in ROOT/events.out.tfevents.hparams naming the
+    `by` keys and the seed, each with the values the finished runs take and whether they
+    differ, and the final errors. The sessions themselves, each run's whole config, are in the
+    runs' own tensorboard/ folders beside their curves (written by training, metrics.py), so
+    that every run is listed once; the metrics are the last points of those curves. Rewritten
+    whole each time; the ROOT/hparams/ of older reports, a second copy of every run, is
+    removed."""
+    from tensorboardX.proto.api_pb2 import (DataType, Experiment, HParamInfo, MetricInfo,
+                                            MetricName)
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
+    from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboardX.record_writer import masked_crc32c
+
+    from resnet_jax.metrics import hparams  # late: JAX
+
+    values = [hparams(r["config"]) for r in finished]
+    infos = []
+    for key in [*by, "seed"]:
+        taken = sorted({v[key] for v in values if key in v}, key=sort_key)
+        kind = ("DATA_TYPE_BOOL" if all(isinstance(v, bool) for v in taken) else
+                "DATA_TYPE_FLOAT64" if all(is_number(v) for v in taken) else "DATA_TYPE_STRING")
+        info = HParamInfo(name=key, type=DataType.Value(kind))
+        for v in taken:
+            value = info.domain_discrete.values.add()
+            if kind == "DATA_TYPE_BOOL":
+                value.bool_value = v
+            elif kind == "DATA_TYPE_FLOAT64":
+                value.number_value = v
+            else:
+                value.string_value = str(v)
+        # HParamInfo.differs (field 7, bool) is newer than tensorboardX's copy of the proto:
+        # appended as raw wire bytes, which protobuf keeps as an unknown field and writes out.
+        infos.append(HParamInfo.FromString(info.SerializeToString()
+                                           + (b"\x38\x01" if len(taken) > 1 else b"")))
+    metrics = [MetricInfo(name=MetricName(tag=k)) for k in HPARAMS_METRICS
+               if any(k in r["summary"] for r in finished)]
+    content = HParamsPluginData(experiment=Experiment(hparam_infos=infos, metric_infos=metrics),
+                                version=0).SerializeToString()
+    summary = Summary(value=[Summary.Value(tag="_hparams_/experiment", metadata=SummaryMetadata(
+        plugin_data=SummaryMetadata.PluginData(plugin_name="hparams", content=content)))])
+
+    def record(data: bytes) -> bytes:  # TFRecord framing: length, its CRC, data, its CRC
+        length = struct.pack("<Q", len(data))
+        return (length + struct.pack("<I", masked_crc32c(length)) + data
+                + struct.pack("<I", masked_crc32c(data)))
+
+    write_atomically(root / HPARAMS_EXPERIMENT, b"".join(record(e.SerializeToString()) for e in (
+        Event(wall_time=0, file_version="brain.Event:2"), Event(wall_time=0, summary=summary))))
+    shutil.rmtree(root / "hparams", ignore_errors=True)
 
 
 # --- The report ----------------------------------------------------------------------------
@@ -416,7 +452,7 @@ def _check_key(flag: str, key: str, allowed: list[str], what: str) -> None:
 
 
 def report(root, *, by=None, metric=None, x=None, panels=None, title=None) -> list[dict]:
-    """Writes report.md/.csv/.json, report_<metric>.png/.pdf, curves.png/.pdf and hparams/ of
+    """Writes report.md/.csv/.json, report_<metric>.png/.pdf, curves.png/.pdf and the HParams of
     the runs under `root` and prints report.md; the table's rows. Arguments left None come from
     ROOT/sweep.json's `report` section, else the defaults (module docstring). Bad input (a
     missing root, an unknown key or metric, no finished run, a damaged sweep.json) is a

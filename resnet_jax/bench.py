@@ -21,6 +21,7 @@ import numpy as np
 
 from resnet_jax import models, parallel, summary, train
 from resnet_jax.configs import net_name
+from resnet_jax.metrics import Phase
 
 # Dense peak FLOP/s per device by (device_kind substring, dtype), from the vendors' data sheets.
 PEAK_FLOPS = {
@@ -75,23 +76,28 @@ def measure(config, *, steps: int = 20, warmup: int = 2, num_seeds: int = 0) -> 
     backend, state, step, batch = prepare(config, num_seeds=num_seeds)
 
     flops = memory = None  # a backend that compiles at the first call (pmap): not counted here
+    net = net_name(config.depth, config.residual)
     start = time.perf_counter()
-    traced = backend.trace(step, state, batch)
-    if traced is not None:
-        # Model FLOPs: 2 x the multiply-adds of the step's convolutions and matrix products,
-        # forward and backward, in its traced program (XLA's cost analysis counts a loop's body
-        # once, undercounting scanned blocks, and adds elementwise work). The traced program
-        # still holds the first layer's input gradient, which XLA drops: under 0.5 % at 20 layers.
-        flops = 2.0 * summary.jaxpr_macs(traced.jaxpr.jaxpr)
-        step = traced.lower().compile()
-        memory = step.memory_analysis()
-    else:
-        state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
+    with Phase(f"compiling the train step of {net}", f"compiled the train step of {net}"):
+        traced = backend.trace(step, state, batch)
+        if traced is not None:
+            # Model FLOPs: 2 x the multiply-adds of the step's convolutions and matrix products,
+            # forward and backward, in its traced program (XLA's cost analysis counts a loop's
+            # body once, undercounting scanned blocks, and adds elementwise work). The traced
+            # program still holds the first layer's input gradient, which XLA drops: under
+            # 0.5 % at 20 layers.
+            flops = 2.0 * summary.jaxpr_macs(traced.jaxpr.jaxpr)
+            step = traced.lower().compile()
+            memory = step.memory_analysis()
+        else:
+            state, metrics = step(state, batch)
+            jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - start
-    for _ in range(warmup):
-        state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
+    with Phase(f"running the first {warmup} train steps of {net} (not timed)",
+               f"ran the first train steps of {net}"):
+        for _ in range(warmup):
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
 
     state, seconds = time_steps(step, state, batch, steps)
 
@@ -99,7 +105,7 @@ def measure(config, *, steps: int = 20, warmup: int = 2, num_seeds: int = 0) -> 
     peak = peak_flops(device.device_kind, config.dtype)
     images_per_device = max(num_seeds, 1) * config.batch_size / backend.num_devices
     return {
-        "net": net_name(config.depth, config.residual),
+        "net": net,
         "batch": config.batch_size, "seeds": max(num_seeds, 1), "dtype": config.dtype,
         "devices": backend.num_devices, "device": device.device_kind,
         "images_per_sec": max(num_seeds, 1) * config.batch_size / seconds,

@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from resnet_jax.files import write_atomically
+from resnet_jax.metrics import Phase
 
 FOLDER = "folder:"  # folder:<path>: an image-folder tree, its shape and classes read from it
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -191,7 +192,7 @@ def _tfds(name: str, data_dir: str | None) -> tuple[int, Split, Split]:
     root = pathlib.Path(builder.data_path)
     files = sorted(e.path for e in os.scandir(root) if e.is_file())
     num_classes = builder.info.features["label"].num_classes
-    return _cached(f"{name}-{_fingerprint(root, files)}", lambda: (num_classes, *read()))
+    return _cached(f"{name}-{_fingerprint(root, files)}", lambda: (num_classes, *read()), name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,7 +246,7 @@ def _folder(path: str) -> tuple[int, Split, Split]:
         return (len(classes), Split(images[:n_train], y[:n_train]),
                 Split(images[n_train:], y[n_train:]))
 
-    return _cached(f"folder-{_fingerprint(root, files)}", decode)
+    return _cached(f"folder-{_fingerprint(root, files)}", decode, f"{FOLDER}{path}")
 
 
 def _list_split(root: pathlib.Path, split: str) -> dict[str, list[str]]:
@@ -336,8 +337,10 @@ def _fingerprint(root: pathlib.Path, files: list[str]) -> str:
     return h.hexdigest()[:24]
 
 
-def _cached(stem: str, build: Callable[[], tuple[int, Split, Split]]) -> tuple[int, Split, Split]:
-    """Returns the cached (num_classes, train, test) for `stem`, calling `build` on a miss."""
+def _cached(stem: str, build: Callable[[], tuple[int, Split, Split]],
+            name: str) -> tuple[int, Split, Split]:
+    """Returns the cached (num_classes, train, test) for `stem`, calling `build` on a miss
+    (dataset `name`: announced, as it takes a minute on CIFAR-10)."""
     path = cache_dir() / f"{stem}.npz"
     if path.exists():
         try:
@@ -349,16 +352,24 @@ def _cached(stem: str, build: Callable[[], tuple[int, Split, Split]]) -> tuple[i
             # the rebuilt cache replaces it.
             print(f"discarding the unreadable data cache {path} ({type(e).__name__}); "
                   "decoding the dataset again", flush=True)
-    num_classes, train, test = build()
-    try:
+    def unwritable(e: OSError) -> DataError:
+        return DataError(f"cannot write the data cache {path} ({e.strerror or e}): set "
+                         "$RESNET_JAX_CACHE to a directory you can write to, or free space")
+
+    try:  # before decoding for a minute
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, lambda f: np.savez(
-            f, num_classes=num_classes, train_images=train.images, train_labels=train.labels,
-            test_images=test.images, test_labels=test.labels))
     except OSError as e:
-        raise DataError(f"cannot write the data cache {path} ({e.strerror or e}): set "
-                        "$RESNET_JAX_CACHE to a directory you can write to, or free space"
-                        ) from None
+        raise unwritable(e) from None
+    with Phase(f"decoding {name} into the data cache {path}", f"decoded {name}") as phase:
+        num_classes, train, test = build()
+        try:
+            write_atomically(path, lambda f: np.savez(
+                f, num_classes=num_classes, train_images=train.images, train_labels=train.labels,
+                test_images=test.images, test_labels=test.labels))
+        except OSError as e:
+            raise unwritable(e) from None
+        phase.detail = (f": {len(train.labels) + len(test.labels):,} images -> {path} "
+                        f"({path.stat().st_size / 1e6:.0f} MB)")
     return num_classes, train, test
 
 
@@ -370,6 +381,51 @@ def _cached(stem: str, build: Callable[[], tuple[int, Split, Split]]) -> tuple[i
 def mean_image(images: np.ndarray) -> np.ndarray:
     """Per-pixel mean of the training images in [0, 1] (He et al. 2015, Sec. 4.2)."""
     return images.astype(np.float64).mean(axis=0).astype(np.float32) / 255.0
+
+
+PREPROCESSING = "preprocessing.npz"  # in a run's workdir, written when it starts training
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """What turns images as `load(dataset)` yields them (uint8) into the input a run's net was
+    trained and evaluated on: downsampled to `image_size` (0: as they are), then `normalize`d
+    with `mean` (the training set's per-pixel mean, or a per-channel mean for streamed sets).
+    Saved in the run's workdir, so that using the net needs neither the training set nor this
+    code's defaults of the day."""
+
+    mean: np.ndarray  # float32, (H, W, C) or (C,), in [0, 1]
+    image_size: int  # 0: the dataset's own size
+
+    def __call__(self, images: np.ndarray) -> jax.Array:
+        """Float32 net input of uint8 images (N, H, W, C), at the dataset's size or already at
+        `image_size`."""
+        return normalize(self.resize(images), self.mean)
+
+    def resize(self, images: np.ndarray) -> np.ndarray:
+        """The uint8 images at the size the net trained on (`downsample`, as `load` does)."""
+        images = np.asarray(images)
+        if self.image_size and images.shape[1] != self.image_size:
+            images = downsample(Split(images, np.zeros(len(images), np.int32)),
+                                self.image_size, "these images").images
+        return images
+
+    def save(self, workdir: pathlib.Path) -> None:
+        write_atomically(workdir / PREPROCESSING, lambda f: np.savez(
+            f, mean=self.mean, image_size=np.int64(self.image_size)))
+
+    @classmethod
+    def read(cls, workdir: pathlib.Path) -> Preprocessing | None:
+        """The run's saved preprocessing; None for runs from before it was saved."""
+        path = workdir / PREPROCESSING
+        if not path.exists():
+            return None
+        try:
+            with np.load(path) as z:
+                return cls(z["mean"].astype(np.float32), int(z["image_size"]))
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+            raise DataError(f"cannot read {path} ({type(e).__name__}): delete it, and the "
+                            "mean image is recomputed from the training set") from None
 
 
 def default_padding(image_size: int) -> int:
@@ -458,7 +514,9 @@ class DeviceFeed:
         self.num_train, self.image_shape = len(ds.train.labels), ds.train.images.shape[1:]
         replicate = functools.partial(jax.device_put, device=backend.replicated)
         self._images, self._labels = replicate(ds.train.images), replicate(ds.train.labels)
-        self.mean = replicate(mean_image(ds.train.images))
+        self.preprocessing = Preprocessing(mean_image(ds.train.images),
+                                           config.get("image_size", 0))
+        self.mean = replicate(self.preprocessing.mean)
         padding = (config.crop_padding if config.crop_padding >= 0
                    else default_padding(ds.train.images.shape[1]))
         data_key = lambda seed: jax.random.fold_in(jax.random.key(seed), 1)  # noqa: E731

@@ -249,11 +249,12 @@ def _eval(argv) -> int:
         raise UsageError("eval needs --workdir=DIR of a trained run, e.g. --workdir=runs/r20")
     import jax
 
-    from resnet_jax import data, parallel, pipeline, train
+    from resnet_jax import data, parallel, pipeline, train, trained
 
     parallel.use_compilation_cache()
     workdir = pathlib.Path(fv.workdir)
     graphdef, state, config, ds, step = train.restore_trained(workdir, fv.step)
+    preprocessing = trained.read_preprocessing(workdir, config, ds)  # the run's own input
     try:
         backend = parallel.create_backend(config.parallelism, config.batch_size,
                                           config.num_devices)
@@ -263,7 +264,6 @@ def _eval(argv) -> int:
     if other is None:
         feed = train.create_feed(config, backend) if ds is None else data.DeviceFeed(
             ds, config, backend)
-        mean = feed.mean
     else:
         if ds is None or pipeline.is_streamed(other):
             raise UsageError(f"--dataset={other}: eval on another dataset needs in-memory "
@@ -279,8 +279,7 @@ def _eval(argv) -> int:
                 f"{'x'.join(map(str, need[1]))} images ({config.dataset}): pass a dataset of "
                 "the same classes and image shape")
         feed = data.DeviceFeed(evaluated, config, backend)
-        # The run's own preprocessing: the mean image of the set it was trained on.
-        mean = jax.device_put(data.mean_image(ds.train.images), backend.replicated)
+    mean = jax.device_put(preprocessing.mean, backend.replicated)
     eval_step = jax.jit(train.make_eval_step(graphdef), compiler_options=backend.compiler_options)
     state = jax.device_put(state, backend.replicated)
     result = {"step": step, "dataset": other or config.dataset}

@@ -1,4 +1,4 @@
-"""Run outputs: `metrics.jsonl`, TensorBoard event files and the progress line on the console.
+"""Run outputs: `metrics.jsonl`, TensorBoard event files and the progress lines on the console.
 
 One JSON object per logged step: `step`, `time` (Unix seconds), `train/loss`, `train/error`
 (percent, like the paper), `lr`, the gradient norms and depth diagnostics, `examples_per_sec` (the
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import pathlib
+import sys
+import time
 
 import jax
 
@@ -38,11 +40,36 @@ def read_records(path: pathlib.Path) -> list[dict]:
     return out
 
 
+def hparams(config: dict, prefix: str = "") -> dict:
+    """A run's config as TensorBoard HParams: nested keys as 'outer.inner', lists as JSON text,
+    None left out; numbers stay numbers (HParams holds every number as a double: depth 14 is
+    14, not '14')."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out |= hparams(value, f"{prefix}{key}.")
+        elif value is not None:
+            out[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, (list, tuple)) else value
+    return out
+
+
+def hparams_session(values: dict, end: bool = False):
+    """The Summary that starts a run's HParams session with `values` (from `hparams`), or with
+    `end`, the one that marks it finished. Written into the run's own event files, beside its
+    scalars: TensorBoard lists the run once, its final metrics the last points of its curves."""
+    from tensorboardX.summary import hparams as summaries  # late: protobuf is slow to load
+
+    _, start, finish = summaries(values, {})
+    return finish if end else start
+
+
 class MetricsWriter:
-    def __init__(self, workdir: pathlib.Path, *, total_steps: int, label: str = ""):
+    def __init__(self, workdir: pathlib.Path, *, total_steps: int, label: str = "",
+                 config: dict | None = None):
         self.path = workdir / "metrics.jsonl"
         self.total_steps = total_steps
         self.label = label  # prefixes progress lines: which of several runs in one program
+        self.hparams = None if config is None else hparams(config)
         self.main = jax.process_index() == 0
         self.tensorboard = workdir / "tensorboard"
         self._tb = None  # opened at the first write, after `truncate` has cut the old files
@@ -82,9 +109,13 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter  # imported late: protobuf is slow to load
 
             self._tb = SummaryWriter(str(self.tensorboard))
+            if self.hparams is not None:  # each new event file: `truncate` deleted the old
+                self._tb.file_writer.add_summary(hparams_session(self.hparams))
         for key, value in record.items():
             if key not in ("step", "time"):  # `time` is each event's own wall time
                 self._tb.add_scalar(key, value, record["step"], walltime=record.get("time"))
+        if self.hparams is not None and record["step"] == self.total_steps:
+            self._tb.file_writer.add_summary(hparams_session({}, end=True))
         self._tb.flush()
 
     def progress(self, step: int, record: dict, seconds_left: float | None) -> None:
@@ -102,6 +133,29 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+class Phase:
+    """A long wait announced: one line on stderr as it starts (`decoding ... into the cache
+    ...`) and one with its time as it ends (`decoded ... in 70.1s -> ...`), so that a first
+    run does not sit silent for a minute before its first logged step. Set `detail` inside the
+    block to end the second line with what only the end knows. Nothing is printed at the end
+    of a phase that raised: its error speaks. `show=False`: silent (processes other than 0)."""
+
+    def __init__(self, starting: str, done: str, *, show: bool = True):
+        self.starting, self.done, self.show, self.detail = starting, done, show, ""
+
+    def __enter__(self):
+        if self.show:
+            print(f"{self.starting} ...", file=sys.stderr, flush=True)
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if self.show and exc_type is None:
+            seconds = time.perf_counter() - self._start
+            took = f"{seconds:.1f}s" if seconds < 60 else _duration(seconds)
+            print(f"{self.done} in {took}{self.detail}", file=sys.stderr, flush=True)
 
 
 def _duration(seconds: float) -> str:

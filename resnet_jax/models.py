@@ -264,6 +264,10 @@ class ResNet(nnx.Module):
         self.head = nnx.Linear(cin, num_classes, dtype=jnp.float32, rngs=rngs)
 
     def __call__(self, x, *, train: bool):
+        if not jnp.issubdtype(x.dtype, jnp.floating):  # raw pixels would run, and mean nothing
+            raise TypeError(f"the net takes float images, normalised as in training, not "
+                            f"{x.dtype}: pass preprocessing(images) (resnet_jax.load(workdir)"
+                            ".preprocessing), or use .predict(images)")
         x = self.stem(x.astype(self.dtype))
         if self.stem_bn is not None:
             x = self.stem_bn(x, train=train)

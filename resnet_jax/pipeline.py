@@ -258,7 +258,9 @@ class StreamFeed:
         self.num_train, self.image_shape = len(self.train), (config.image_size,) * 2 + (3,)
         self.config, self.backend = config, backend
         self.part = (jax.process_index(), jax.process_count())
-        self.mean = jax.device_put(np.asarray(MEAN_RGB, np.float32), backend.replicated)
+        # Evaluation crops (`eval_stream`) are the net's input size already: nothing to resize.
+        self.preprocessing = data.Preprocessing(np.asarray(MEAN_RGB, np.float32), 0)
+        self.mean = jax.device_put(self.preprocessing.mean, backend.replicated)
         self._iterator, self._next_step = None, None
         self._normalize = jax.jit(lambda b, mean: {**b, "image": data.normalize(b["image"], mean)},
                                   out_shardings=backend.data_sharding)

@@ -29,7 +29,7 @@ from resnet_jax.checkpoint import (Checkpointer, NoneReadable, Preempted, Preemp
                                    SetupMismatch, WorkdirBusy, WorkdirLock)
 from resnet_jax.configs import cifar, imagenet
 from resnet_jax.files import write_atomically
-from resnet_jax.metrics import MetricsWriter
+from resnet_jax.metrics import MetricsWriter, Phase
 
 BLOCKS = {"post": False, "pre": True}  # block -> pre-activation?
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -377,6 +377,7 @@ class TrainCalls:
 
     def __init__(self, config, backend: parallel.Backend, train_step, feed):
         self.per_call, self.feed = config.get("steps_per_call", 1), feed
+        self.called = False
         if self.per_call == 1:
             self._step = backend.compile_step(train_step)
         else:
@@ -384,6 +385,17 @@ class TrainCalls:
             self._steps = backend.compile_steps(train_step, batch_of, self.per_call)
 
     def __call__(self, state, first: int, count: int):
+        if self.called:
+            return self._call(state, first, count)
+        # The first call compiles, then runs: each said on stderr, as each takes a while.
+        self.called, main = True, jax.process_index() == 0
+        with Phase("compiling the train step", "compiled the train step", show=main):
+            out = self._call(state, first, count)  # returns once compiled and dispatched
+        steps = "train step" if count == 1 else f"{count} train steps"  # steps_per_call
+        with Phase(f"running the first {steps}", f"ran the first {steps}", show=main):
+            return jax.block_until_ready(out)
+
+    def _call(self, state, first: int, count: int):
         if self.per_call == 1:
             return self._step(state, self.feed.train_batch(first))
         return self._steps(state, self._data, first, count)
@@ -425,20 +437,14 @@ def create_feed(config, backend: parallel.Backend):
     return data.DeviceFeed(ds, config, backend)
 
 
-def load_trained(workdir: str | pathlib.Path, step: int | None = None):
-    """(model, config, dataset) of a run's latest readable checkpoint, or of checkpoint `step`:
-    for analyses after training. The dataset is None for streamed datasets (ImageNet): they are
-    never loaded whole.
+def restore_trained(workdir: str | pathlib.Path, step: int | None = None):
+    """(graphdef, train state, config, dataset, the step read) of a run's latest readable
+    checkpoint, or of checkpoint `step` (`resnet_jax.load` is the public way in). The dataset
+    is None for streamed datasets (ImageNet): they are never loaded whole.
 
     Reads only (a damaged newest checkpoint stays where it is, for the run's own rerun to deal
     with) and prints which step it loaded, and so whether it is the one summary.json reports.
     """
-    graphdef, state, config, ds, _ = restore_trained(workdir, step)
-    return nnx.merge(graphdef, state.params, state.batch_stats), config, ds
-
-
-def restore_trained(workdir: str | pathlib.Path, step: int | None = None):
-    """`load_trained` as (graphdef, train state, config, dataset, the step read)."""
     wanted, workdir = step, pathlib.Path(workdir)
     if not (workdir / "config.json").exists():
         raise ConfigError(f"{workdir} holds no run (no config.json): pass a run's --workdir")
@@ -662,8 +668,11 @@ class _Training:
         for c, w in zip(configs, workdirs):
             _write_json(w / "config.json", json.loads(c.to_json()))
             _write_json(w / DATASET_JSON, facts)
+            if jax.process_index() == 0:  # the net's input, for `resnet_jax.load` and eval
+                self.feed.preprocessing.save(w)
         self.writers = [MetricsWriter(w, total_steps=config.total_steps,
-                                      label=f"seed {c.seed}: " if backend.seeds else "")
+                                      label=f"seed {c.seed}: " if backend.seeds else "",
+                                      config=json.loads(c.to_json()))
                         for c, w in zip(configs, workdirs)]
         for writer in self.writers:
             writer.truncate(self.start)

@@ -311,13 +311,46 @@ def test_cut_run_json_is_one_line_naming_it(finished_run, tmp_path, capsys, name
                 == json.loads((finished_run / name).read_text()))
 
 
-def test_load_trained_names_a_cut_config(finished_run, tmp_path):
+def run_hparams(workdir):
+    """The HParams sessions in a run's own TensorBoard folder: (start infos, end infos, scalars)."""
+    from tests.test_report import hparams_data
+
+    [events] = (workdir / "tensorboard").glob("events.out.tfevents.*")
+    found, scalars = hparams_data(events)
+    assert "_hparams_/experiment" not in found  # the sweep's report names the columns, once
+    return (found.get("_hparams_/session_start_info", []),
+            found.get("_hparams_/session_end_info", []), scalars)
+
+
+@pytest.mark.parametrize("run", ["finished", "resumed"])
+def test_a_run_is_its_own_hparams_session_beside_its_curves(finished_run, resumed_after_crash,
+                                                            run):
+    """Its config as the session's hparams (integers as the numbers they are), started once and
+    ended once however often it resumed; its final errors are the last points of its curves."""
+    from tests.test_report import hparam_values
+
+    workdir = finished_run if run == "finished" else resumed_after_crash[0]
+    starts, ends, scalars = run_hparams(workdir)
+    [start], [end] = starts, ends
+    values = hparam_values(start.session_start_info)
+    config = json.loads((workdir / "config.json").read_text())
+    assert values["depth"] == 8 and values["total_steps"] == 20 and values["dataset"] == "digits"
+    assert values["residual"] is True and values["lr_boundaries_steps"] == json.dumps(
+        config["lr_boundaries_steps"])
+    assert set(values) == {k for k, v in config.items() if v is not None}
+    assert end.session_end_info.status == 1  # STATUS_SUCCESS
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert scalars["test/error"][-1] == (20, pytest.approx(summary["test/error"]))
+
+
+def test_load_names_a_cut_config(finished_run, tmp_path):
+    import resnet_jax
     from resnet_jax import train
 
     workdir = copy_run(finished_run, tmp_path / "run")
     cut(workdir / "config.json")
     with pytest.raises(train.ConfigError, match=str(workdir / "config.json")):
-        train.load_trained(workdir)
+        resnet_jax.load(workdir)
 
 
 @pytest.mark.parametrize("name, damage", [("summary.json", cut), ("summary.json", drop_step),
@@ -648,6 +681,56 @@ def test_bench_reports_throughput_compile_time_and_flops(capsys):
     for r, depth in zip(rows, (8, 14)):
         macs = summary.describe(models.cifar_resnet(depth, rngs=nnx.Rngs(0)), (32, 32, 3))["macs"]
         assert r["gflops_per_step"] * 1e9 == pytest.approx(3 * 2 * 16 * macs, rel=1e-9)
+
+
+    assert_phases(err, [("compiling the train step of ResNet-8",
+                         "compiled the train step of ResNet-8"),
+                        ("running the first 2 train steps of ResNet-8 (not timed)",
+                         "ran the first train steps of ResNet-8"),
+                        ("compiling the train step of ResNet-14",
+                         "compiled the train step of ResNet-14"),
+                        ("running the first 2 train steps of ResNet-14 (not timed)",
+                         "ran the first train steps of ResNet-14")])
+
+
+def assert_phases(err: str, phases: list[tuple[str, str]]) -> list[str]:
+    """stderr announces each long phase (metrics.Phase) once, in this order: a line starting
+    `start` and ending ` ...` as it starts, one starting `end in <time>` as it ends, before the
+    next starts; returns the end lines."""
+    pattern = re.compile(r".* \.\.\.$|.*? in (\d+\.\ds|\d+m\d\ds)(: .*)?$")
+    said = [line for line in err.splitlines() if pattern.match(line)]
+    expected = [(start, " ...") for start, _ in phases], [(end + " in ", "") for _, end in phases]
+    assert len(said) == 2 * len(phases), err
+    for i, line in enumerate(said):
+        prefix, suffix = expected[i % 2][i // 2]
+        assert line.startswith(prefix) and line.endswith(suffix), (i, line, err)
+    return said[1::2]
+
+
+def test_a_first_run_says_what_it_waits_for(tmp_path, capsys):
+    """Decoding a folder into the cache, compiling, the first step: each announced on stderr
+    as it starts and timed as it ends, once each, in order; the cache's path and size named."""
+    from tests.test_data import make_tree
+
+    make_tree(tmp_path / "tree", per_class=(8, 2), size=(8, 8))
+    workdir = tmp_path / "run"
+    rc, out, err = run_cli(capsys, train_argv(workdir, f"--config.dataset=folder:{tmp_path}/tree",
+                                              "--config.batch_size=8", "--config.total_steps=2",
+                                              "--config.eval_every_steps=2"))
+    assert rc == 0, err
+    folder = f"folder:{tmp_path}/tree"
+    decoded, *_ = assert_phases(err, [
+        (f"decoding {folder} into the data cache ", f"decoded {folder}"),
+        ("compiling the train step", "compiled the train step"),
+        ("running the first train step", "ran the first train step")])
+    cache = next(pathlib.Path(os.environ["RESNET_JAX_CACHE"]).glob("folder-*.npz"))
+    assert decoded.endswith(f": 30 images -> {cache} ({cache.stat().st_size / 1e6:.0f} MB)")
+    rc, out, err = run_cli(capsys, train_argv(workdir, f"--config.dataset=folder:{tmp_path}/tree",
+                                              "--config.batch_size=8", "--config.total_steps=4",
+                                              "--config.eval_every_steps=2"))
+    assert rc == 0, err  # decoded once: the cache is read
+    assert_phases(err, [("compiling the train step", "compiled the train step"),
+                        ("running the first train step", "ran the first train step")])
 
 
 @pytest.mark.parametrize("args, words", [

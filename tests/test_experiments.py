@@ -588,7 +588,7 @@ def readme_command(marker: str) -> list[str]:
 def test_the_readmes_two_key_grid_sweep_runs_end_to_end(tmp_path, capsys):
     """The README's grid command as written, its root replaced and 20 of its 100 steps a run
     (a later --config.KEY wins): its 8 runs train and report as 4 cells of 2 seeds."""
-    argv = readme_command("python -m experiments.sweep --grid=")
+    argv = readme_command(".venv/bin/python -m experiments.sweep --grid=")
     root = [a for a in argv if a.startswith("--root=")]
     argv = [a for a in argv[3:] if a not in root] + [f"--root={tmp_path}",
                                                      "--config.total_steps=20"]
@@ -600,11 +600,33 @@ def test_the_readmes_two_key_grid_sweep_runs_end_to_end(tmp_path, capsys):
         (d, lr, seed) for d in (8, 14) for lr in (0.02, 0.1) for seed in (0, 1)]
     assert {(c["dataset"], c["total_steps"], c["log_every_steps"]) for c in configs} == {
         ("digits", 20, 10)}
-    assert (tmp_path / "hparams").is_dir()
+    # TensorBoard (--logdir=ROOT): each run once, its HParams session beside its curves, and
+    # the report's one experiment summary naming the swept keys with their values.
+    from tests.test_cli import run_hparams
+    from tests.test_report import experiment_columns, hparam_values
+
+    for path in tmp_path.glob("*/config.json"):
+        config = json.loads(path.read_text())
+        [start], [_], scalars = run_hparams(path.parent)
+        values = hparam_values(start.session_start_info)
+        assert (values["depth"], values["learning_rate"], values["seed"]) == (
+            config["depth"], config["learning_rate"], config["seed"])
+        assert scalars["test/error"][-1][0] == 20
+    columns, metrics = experiment_columns(tmp_path)
+    assert sorted(columns) == [("depth", "DATA_TYPE_FLOAT64", [8, 14], True),
+                               ("learning_rate", "DATA_TYPE_FLOAT64", [0.02, 0.1], True),
+                               ("seed", "DATA_TYPE_FLOAT64", [0, 1], True)]
+    assert metrics == ["train/error", "test/error"]
+    assert not (tmp_path / "hparams").exists()
+    # Each run said on stderr that it was compiling, and when its first step had run.
+    err = capsys.readouterr().err
+    assert (err.count("compiled the train step in ") == err.count("ran the first train step in ")
+            == 8)
 
 
 def test_the_readmes_sweep_file_is_declared_as_shown():
-    argv = readme_command("python -m experiments.sweep --sweep=experiments/sweeps/lr_depth.py")
+    argv = readme_command(".venv/bin/python -m experiments.sweep "
+                          "--sweep=experiments/sweeps/lr_depth.py")
     runs = declare(*[a for a in argv if a.startswith("--sweep")]).runs
     assert len(runs) == 12
     assert runs[0].name == "depth=8,dataset=digits,seed=0,learning_rate=0.02"

@@ -102,12 +102,18 @@ def tensorboard_scalars(workdir):
             event = Event.FromString(data[i + 12:i + 12 + length])
             i += 12 + length + 4
             for value in event.summary.value:
-                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+                if value.HasField("simple_value"):  # not the run's HParams session
+                    out.setdefault(value.tag, []).append((event.step, value.simple_value))
     return out
 
 
 def assert_tensorboard_holds_the_records(workdir):
-    """TensorBoard holds each record of metrics.jsonl once, nothing else."""
+    """TensorBoard holds each record of metrics.jsonl once, nothing else, and the run's
+    HParams session started once (ended at most once)."""
+    from tests.test_cli import run_hparams
+
+    starts, ends, _ = run_hparams(workdir)
+    assert len(starts) == 1 and len(ends) <= 1
     lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     want = {}
     for record in lines:
@@ -368,8 +374,8 @@ def test_a_second_trainer_on_one_workdir_is_refused_and_kill_9_frees_the_workdir
     assert proc.returncode == 0, proc.stderr
 
 
-def test_load_trained_changes_nothing_and_says_which_step_it_loaded(unbroken, tmp_path, capsys):
-    from resnet_jax import train as train_module
+def test_load_changes_nothing_and_says_which_step_it_loaded(unbroken, tmp_path, capsys):
+    import resnet_jax
 
     workdir = tmp_path / "run"
     shutil.copytree(unbroken, workdir)
@@ -377,7 +383,7 @@ def test_load_trained_changes_nothing_and_says_which_step_it_loaded(unbroken, tm
         if path.is_file():
             path.write_bytes(b"\0garbage")
     before = {str(p): p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()}
-    model, config, _ = train_module.load_trained(workdir)
+    assert resnet_jax.load(workdir).step == 50
     assert {str(p): p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()} == before
     out = capsys.readouterr().out
     assert f"loaded checkpoint 50 of {workdir}" in out

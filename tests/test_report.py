@@ -13,7 +13,8 @@ from experiments import report as report_module
 from resnet_jax.configs import cifar
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-OUTPUTS = ("report.md", "report.csv", "report.json", "curves.png", "curves.pdf", "hparams")
+OUTPUTS = ("report.md", "report.csv", "report.json", "curves.png", "curves.pdf",
+           "events.out.tfevents.hparams")
 
 
 def make_run(root, depth=20, residual=True, seed=0, train=10.0, test=12.0, converged=True,
@@ -244,48 +245,69 @@ def read_events(path):
     return events
 
 
-def hparams_sessions(root):
-    """Each HParams session under root/hparams: its folder, hparams and metric scalars."""
+def hparams_data(path):
+    """The HParams plugin data in a tfevents file, by tag (_hparams_/experiment,
+    _hparams_/session_start_info, ...), one list per tag; and its scalars:
+    tag -> [(step, value)]."""
     from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
 
-    sessions = []
-    for path in sorted((root / "hparams").rglob("events.out.tfevents.*")):
-        hparams, scalars = None, {}
-        for event in read_events(path):
-            for value in event.summary.value:
-                if value.tag == "_hparams_/session_start_info":
-                    info = HParamsPluginData.FromString(
-                        value.metadata.plugin_data.content).session_start_info
-                    hparams = {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind"))
-                               for k, v in info.hparams.items()}
-                elif not value.tag.startswith("_hparams_"):
-                    scalars[value.tag] = value.simple_value
-        if hparams is not None:
-            sessions.append((path.parent.relative_to(root / "hparams").as_posix(), hparams,
-                             scalars))
-    return sessions
+    found, scalars = {}, {}
+    for event in read_events(path):
+        for value in event.summary.value:
+            if value.tag.startswith("_hparams_/"):
+                found.setdefault(value.tag, []).append(
+                    HParamsPluginData.FromString(value.metadata.plugin_data.content))
+            elif value.HasField("simple_value"):
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return found, scalars
 
 
-def test_hparams_hold_one_session_per_finished_run_and_a_rerun_does_not_duplicate(tmp_path):
+def hparam_values(info) -> dict:
+    """A SessionStartInfo's hparams as Python values."""
+    return {k: getattr(v, v.WhichOneof("kind")) for k, v in info.hparams.items()}
+
+
+def experiment_columns(root):
+    """ROOT's experiment summary: [(hparam, type, its values, differs)], [metric tags]."""
+    found, _ = hparams_data(root / "events.out.tfevents.hparams")
+    [data] = found.pop("_hparams_/experiment")
+    assert not found
+    from tensorboardX.proto.api_pb2 import DataType
+
+    # `differs` (field 7) is newer than tensorboardX's proto: read from the unknown field's bytes.
+    return ([(h.name, DataType.Name(h.type), [getattr(v, v.WhichOneof("kind"))
+                                              for v in h.domain_discrete.values],
+              h.SerializeToString().endswith(b"\x38\x01"))
+             for h in data.experiment.hparam_infos],
+            [m.name.tag for m in data.experiment.metric_infos])
+
+
+def test_hparams_name_the_swept_keys_with_their_values_once_for_the_sweep(tmp_path):
     make_run(tmp_path, 20, False, 0, train=11.0, test=12.5)
     make_run(tmp_path, 20, True, 0, train=5.0, test=6.5)
-    make_run(tmp_path, 20, True, 1, train=6.0, test=7.5)
-    make_run(tmp_path, 20, True, 2, state="failed")
-    make_run(tmp_path, 20, True, 3, state="unfinished")
-    for attempt in range(2):
-        if attempt:  # as if the first report ran earlier: event files are named by the second
-            for path in (tmp_path / "hparams").rglob("events.out.tfevents.*"):
-                path.rename(path.with_name("events.out.tfevents.1700000000.earlier"))
+    make_run(tmp_path, 56, True, 1, train=6.0, test=7.5)
+    make_run(tmp_path, 56, True, 2, state="failed")
+    (tmp_path / "hparams" / "depth=20,residual=true,seed=0").mkdir(parents=True)  # older reports'
+    for _ in range(2):  # a rerun rewrites the one file
         report_module.report(tmp_path)
-        sessions = hparams_sessions(tmp_path)
-        assert sessions == [
-            ("depth=20,residual=false,seed=0", {"residual": False, "seed": 0.0},
-             {"train/error": 11.0, "test/error": 12.5, "val/error": 13.5}),
-            ("depth=20,residual=true,seed=0", {"residual": True, "seed": 0.0},
-             {"train/error": 5.0, "test/error": 6.5, "val/error": 7.5}),
-            ("depth=20,residual=true,seed=1", {"residual": True, "seed": 1.0},
-             {"train/error": 6.0, "test/error": 7.5, "val/error": 8.5})]
-    assert not list(tmp_path.glob(".hparams*"))
+        assert experiment_columns(tmp_path) == (
+            [("depth", "DATA_TYPE_FLOAT64", [20, 56], True),
+             ("residual", "DATA_TYPE_BOOL", [False, True], True),
+             ("seed", "DATA_TYPE_FLOAT64", [0, 1], True)],
+            ["train/error", "test/error", "val/error"])
+        assert not (tmp_path / "hparams").exists()
+        assert [p.name for p in tmp_path.glob("*tfevents*")] == ["events.out.tfevents.hparams"]
+
+
+def test_hparams_experiment_parses_with_tensorboards_own_proto(tmp_path):
+    tensorboard = pytest.importorskip("tensorboard.plugins.hparams.plugin_data_pb2")
+    make_run(tmp_path, 20, True, 0)
+    make_run(tmp_path, 20, True, 1)
+    report_module.report(tmp_path)
+    found, _ = hparams_data(tmp_path / "events.out.tfevents.hparams")
+    content = found["_hparams_/experiment"][0].SerializeToString()
+    experiment = tensorboard.HParamsPluginData.FromString(content).experiment
+    assert [(h.name, h.differs) for h in experiment.hparam_infos] == [("seed", True)]
 
 
 def outputs(root):
