@@ -183,11 +183,13 @@ def test_a_killed_sweep_takes_its_runs_with_it(tmp_path, signum):
 # --- The processes of one job -----------------------------------------------------------------
 
 
-def start_job(workdir, *overrides_of_process_1):
+def start_job(workdir, *overrides, overrides_of_process_1=(), port=None):
     """The 2 processes of one job on this machine (one CPU device each), as launch/local.sh
-    starts them, but process 1 with `overrides_of_process_1` added to its command line."""
-    port = free_port()
-    return [subprocess.Popen(command(workdir, *(overrides_of_process_1 if i else ())), cwd=REPO,
+    starts them, with `overrides` added to the command line, and `overrides_of_process_1` to
+    process 1's."""
+    port = port or free_port()
+    return [subprocess.Popen(command(workdir, *overrides,
+                                     *(overrides_of_process_1 if i else ())), cwd=REPO,
                              env={**env(), "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i),
                                   "JAX_COORDINATOR_ADDRESS": f"localhost:{port}"},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -200,7 +202,8 @@ def test_processes_of_one_job_with_different_configs_all_stop_before_writing(tmp
     trained unseen (config.json, written by process 0, said 0.1); another total_steps hung the
     job."""
     workdir = tmp_path / "run"
-    job = start_job(workdir, "--config.learning_rate=0.5", "--config.total_steps=80")
+    job = start_job(workdir, overrides_of_process_1=("--config.learning_rate=0.5",
+                                                     "--config.total_steps=80"))
     for proc in job:
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 2, err
@@ -209,3 +212,43 @@ def test_processes_of_one_job_with_different_configs_all_stop_before_writing(tmp
             "differs from process 0 in learning_rate, total_steps): launch every process with the "
             "same command")
     assert not workdir.exists()
+
+
+def test_a_process_whose_peer_dies_says_so_in_one_line_and_the_rerun_resumes(tmp_path):
+    """kill -9 of one process's trainer (as the OOM killer or a crash ends it): the other
+    process stops at once with one line naming it, exit status 75, its stderr (Gloo's error,
+    JAX's abort) kept in WORKDIR/process-I.stderr.log; the rerun of the job resumes from the
+    last checkpoint. Before, process 1 ended in a Gloo traceback and SIGABRT; process 0 said
+    "checkpoint N was not written (ValueError)" and aborted a minute later. Process 1 dies
+    first, as process 0 saves a checkpoint every step; then, in the rerun, process 0 (the
+    coordinator)."""
+    from resnet_jax import peers
+
+    workdir = tmp_path / "run"
+    endless = ("--config.total_steps=100000", "--config.checkpoint_every_steps=1")
+    for victim, rerun in ((1, False), (0, True)):
+        port = free_port()
+        job = start_job(workdir, *endless, port=port)
+        try:
+            if rerun:
+                wait_for_line(job[0], "resuming from step")
+            wait_for_line(job[0], "/100000 |")  # a record: checkpoints are being written
+            (trainer,) = child_pids(job[victim].pid)  # its parent is peers.supervise
+            os.kill(trainer, signal.SIGKILL)
+            survivor = job[1 - victim]
+            _, err = survivor.communicate(timeout=60)  # a hang guard: it stops at once
+            assert survivor.returncode == peers.PEER_LOST, err
+            log = workdir / f"process-{1 - victim}.stderr.log"
+            coordinator = f" (the coordinator, localhost:{port})" if victim == 0 else ""
+            assert last_stderr_line(err) == (
+                f"resnet-jax: error: process {victim} of 2{coordinator} stopped answering, so "
+                f"this process ({1 - victim} of 2) stops too; its stderr is in {log}. The "
+                "run's last checkpoint is kept: rerun the job to resume"), err
+            assert "Gloo" not in err and "Traceback" not in err and "not written" not in err
+            assert "Gloo" in log.read_text()
+            job[victim].communicate(timeout=60)
+            assert job[victim].returncode == -signal.SIGKILL  # the trainer's end, passed on
+        finally:
+            for proc in job:
+                proc.kill()
+    assert checkpoint_steps(workdir)
