@@ -148,7 +148,8 @@ def _stray_message(stray: list[str], command: str) -> str:
 
 def _train(argv) -> int:
     if peers.needs_supervisor():  # one of several processes: a peer's death is one line
-        return peers.supervise(["train", *argv], _workdir(argv))
+        return peers.supervise([sys.executable, "-m", "resnet_jax.main", "train", *argv],
+                               _workdir(argv))
     peers.stop_with_parent()  # when this is that supervisor's child
     # First of all: a stop signal at any moment before the training loop (whose own handler
     # checkpoints instead) must end the run with its line.

@@ -36,15 +36,13 @@ PEER_LOST = 75
 # Set in the child's environment, to the parent's pid: the child trains instead of supervising.
 SUPERVISED = "RESNET_JAX_SUPERVISED"
 
-# How a lost peer shows in a process's stderr, as Gloo and JAX 0.10's coordination service word
-# it: a collective's connection reset by the process that died; the coordinator unreachable
-# (its process died) or reporting a task that stopped sending heartbeats; the abort that follows.
+# How a lost peer shows in a process's stderr, as Gloo and JAX 0.10's distributed runtime word
+# it: a collective's connection reset by the process that died; an error logged by the
+# coordination service or its client (the coordinator unreachable, its process dead; a task that
+# stopped sending heartbeats; the abort that follows), which a healthy job never logs.
 _GLOO_LOST = re.compile(r"Gloo\b.*\b(Connection (reset|closed) by peer|Broken pipe)")
-_SIGNS = re.compile(
-    _GLOO_LOST.pattern
-    + r"|coordination service.*\b(UNAVAILABLE|heartbeat|unhealthy)"
-    + r"|Polled an error from coordination service"
-    + r"|JAX distributed service detected fatal errors")
+_SIGNS = re.compile(_GLOO_LOST.pattern + r"|^[WEF]\d{4} [\d:.]+ +\d+ (coordination_service\w*|"
+                    r"preemption_sync_manager)\.cc:\d+\]|JAX distributed service detected fatal")
 # Which process it was: one that stopped sending heartbeats, or the coordinator (process 0)
 # that this process's coordination client can no longer reach.
 _HEARTBEATS = re.compile(r"Task (\d+) heartbeat timeout|stopped sending heartbeats\):\s*(\d+)")
@@ -130,13 +128,12 @@ def stop_with_parent() -> None:
         os._exit(128 + signal.SIGKILL)
 
 
-def supervise(argv: list[str], workdir: str | None) -> int:
-    """Runs `resnet-jax ARGV` as a child (this process's job identity in its environment) and
-    returns its exit status, or this module's line and PEER_LOST when its peer died (above).
-    A child that a signal ended ends this process with the same signal."""
+def supervise(command: list[str], workdir: str | None) -> int:
+    """Runs `command` (this process's own, which then trains) as a child and returns its exit
+    status, or this module's line and PEER_LOST when its peer died (above). A child that a
+    signal ended ends this process with the same signal."""
     env = {**os.environ, SUPERVISED: str(os.getpid())}
-    child = subprocess.Popen([sys.executable, "-m", "resnet_jax.main", *argv], env=env,
-                             stderr=subprocess.PIPE)
+    child = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
     forwarded = {s: signal.signal(s, lambda signum, _: child.send_signal(signum))
                  for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
     try:

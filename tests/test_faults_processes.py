@@ -252,3 +252,70 @@ def test_a_process_whose_peer_dies_says_so_in_one_line_and_the_rerun_resumes(tmp
             for proc in job:
                 proc.kill()
     assert checkpoint_steps(workdir)
+
+
+# What a survivor's stderr held in those runs (JAX 0.10.2), cut short: the coordinator's death
+# as process 1 sees it (the coordination client aborts within a second) ...
+COORDINATOR_GONE = """\
+W1207 06:20:03.970018   28433 preemption_sync_manager.cc:147] Failed to retrieve preemption \
+notice from coordination service: UNAVAILABLE: Socket closed
+E1207 06:20:03.970149   28433 coordination_service_agent.cc:289] Polled an error from \
+coordination service (this can be an error from this or another task).
+F1207 06:20:03.970156   28433 client.h:80] Terminating process because the JAX distributed \
+service detected fatal errors. This most likely indicates that another task died; see the other \
+task logs for more details. absl::Status: UNAVAILABLE: Failed to send RPC to coordination \
+service. Either the leader task was preempted/died/restarted unexpectedly or this task is \
+experiencing network issues.
+Traceback (most recent call last):
+  File "/work/resnet_jax/train.py", line 712, in loop
+    jax.block_until_ready(pending[-3][0])
+jax.errors.JaxRuntimeError: UNKNOWN: Gloo all-reduce failed: [external/gloo/gloo/transport/tcp\
+/pair.cc:538] Read error [127.0.0.1]:20196: Connection reset by peer
+*** Check failure stack trace: ***
+"""
+# ... and another process's death as the coordinator sees it, once its heartbeats stop.
+HEARTBEATS_STOPPED = """\
+E1207 06:21:52.349023   29219 coordination_service.cc:1520] [454548019773789249] Shutdown \
+barrier in coordination service has failed:
+INTERNAL: Barrier failed because: task is set to ERROR: UNAVAILABLE: Task 2 heartbeat timeout. \
+This indicates that the remote task has failed, got preempted, or crashed unexpectedly.
+F1207 06:21:52.350543   29076 client.h:80] Terminating process because the JAX distributed \
+service detected fatal errors. This most likely indicates that another task died
+"""
+ORDINARY_CRASH = """\
+Traceback (most recent call last):
+  File "/work/resnet_jax/train.py", line 1, in loop
+    raise ValueError("boom")
+ValueError: boom
+"""
+
+
+@pytest.mark.parametrize("this, count, stderr, ending, said", [
+    (1, 2, COORDINATOR_GONE, "os.abort()", "process 0 of 2 (the coordinator, localhost:5) "
+     "stopped answering, so this process (1 of 2)"),
+    (0, 3, HEARTBEATS_STOPPED, "os.abort()", "process 2 of 3 stopped answering, so this "
+     "process (0 of 3)"),
+    (0, 2, ORDINARY_CRASH, "sys.exit(1)", None)], ids=["coordinator", "heartbeats", "crash"])
+def test_the_supervisor_turns_a_lost_peer_and_nothing_else_into_its_line(
+        tmp_path, capfd, monkeypatch, this, count, stderr, ending, said):
+    """peers.supervise on a child that writes what a survivor wrote in a real job, then ends as
+    it did: one line naming the process, exit status 75, the stderr kept in the workdir. An
+    ordinary crash passes through as it was, traceback and exit status."""
+    from resnet_jax import peers
+
+    monkeypatch.setenv("JAX_NUM_PROCESSES", str(count))
+    monkeypatch.setenv("JAX_PROCESS_ID", str(this))
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:5")
+    child = (f"import os, sys; print('step 5/80'); sys.stderr.write('compiling ...\\n' + "
+             f"{stderr!r}); sys.stderr.flush(); {ending}")
+    status = peers.supervise([sys.executable, "-c", child], str(tmp_path))
+    out, err = capfd.readouterr()
+    assert out == "step 5/80\n"  # stdout untouched
+    log = tmp_path / f"process-{this}.stderr.log"
+    if said is None:
+        assert status == 1 and err == "compiling ...\n" + stderr and not log.exists()
+        return
+    assert status == peers.PEER_LOST
+    assert err == (f"compiling ...\nresnet-jax: error: {said} stops too; its stderr is in {log}. "
+                   "The run's last checkpoint is kept: rerun the job to resume\n")
+    assert log.read_text() == "compiling ...\n" + stderr
