@@ -59,7 +59,7 @@ def message(this: int, count: int, dead: int | None, coordinator: str | None,
     else:
         who = f"process {dead} of {count}" + (
             f" (the coordinator, {coordinator})" if dead == 0 and coordinator else "")
-    kept = f"; its stderr is in {log}" if log else ""
+    kept = f", keeping its stderr in {log}" if log else ""
     return (f"{who} stopped answering, so this process ({this} of {count}) stops too{kept}. "
             "The run's last checkpoint is kept: rerun the job to resume")
 
@@ -137,6 +137,7 @@ def supervise(command: list[str], workdir: str | None) -> int:
     forwarded = {s: signal.signal(s, lambda signum, _: child.send_signal(signum))
                  for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
     try:
+        # The log: the child's stderr, its last lines where a long run wrote more.
         kept, held, lost = collections.deque(maxlen=100_000), [], False
         for line in child.stderr:
             kept.append(line)

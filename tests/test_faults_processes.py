@@ -242,7 +242,7 @@ def test_a_process_whose_peer_dies_says_so_in_one_line_and_the_rerun_resumes(tmp
             coordinator = f" (the coordinator, localhost:{port})" if victim == 0 else ""
             assert last_stderr_line(err) == (
                 f"resnet-jax: error: process {victim} of 2{coordinator} stopped answering, so "
-                f"this process ({1 - victim} of 2) stops too; its stderr is in {log}. The "
+                f"this process ({1 - victim} of 2) stops too, keeping its stderr in {log}. The "
                 "run's last checkpoint is kept: rerun the job to resume"), err
             assert "Gloo" not in err and "Traceback" not in err and "not written" not in err
             assert "Gloo" in log.read_text()
@@ -316,6 +316,25 @@ def test_the_supervisor_turns_a_lost_peer_and_nothing_else_into_its_line(
         assert status == 1 and err == "compiling ...\n" + stderr and not log.exists()
         return
     assert status == peers.PEER_LOST
-    assert err == (f"compiling ...\nresnet-jax: error: {said} stops too; its stderr is in {log}. "
-                   "The run's last checkpoint is kept: rerun the job to resume\n")
+    assert err == (f"compiling ...\nresnet-jax: error: {said} stops too, keeping its stderr in "
+                   f"{log}. The run's last checkpoint is kept: rerun the job to resume\n")
     assert log.read_text() == "compiling ...\n" + stderr
+
+
+def test_the_supervisor_passes_stop_signals_on_and_a_childs_signal_back():
+    """A stop signal to the supervising parent reaches its trainer (which checkpoints on it;
+    tests/test_distributed.py stops a supervised job so), and a trainer that a signal ended
+    ends the parent with the same signal, as launch/local.sh reports it."""
+    supervised = ("import signal, sys; from resnet_jax import peers; "
+                  "sys.exit(peers.supervise([sys.executable, '-c', sys.argv[1]], None))")
+    waits = ("import os, signal, sys, time; signal.signal(signal.SIGTERM, lambda s, f: "
+             "sys.exit(128 + s)); print('ready', flush=True); time.sleep(60)")
+    environ = {**env(), "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
+    parent = subprocess.Popen([sys.executable, "-c", supervised, waits], cwd=REPO, env=environ,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_line(parent, "ready")
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=60) == 143
+    killed = subprocess.run([sys.executable, "-c", supervised, "import os; os.kill(os.getpid(), "
+                             "9)"], cwd=REPO, env=environ, capture_output=True, timeout=60)
+    assert killed.returncode == -signal.SIGKILL and killed.stderr == b""
