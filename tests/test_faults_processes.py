@@ -220,19 +220,18 @@ def test_a_process_whose_peer_dies_says_so_in_one_line_and_the_rerun_resumes(tmp
     JAX's abort) kept in WORKDIR/process-I.stderr.log; the rerun of the job resumes from the
     last checkpoint. Before, process 1 ended in a Gloo traceback and SIGABRT; process 0 said
     "checkpoint N was not written (ValueError)" and aborted a minute later. Process 1 dies
-    first, as process 0 saves a checkpoint every step; then, in the rerun, process 0 (the
-    coordinator)."""
+    first, mid-training, as process 0 saves a checkpoint every step (its collective fails);
+    then, as the rerun resumes, process 0, the coordinator (process 1's coordination client
+    aborts)."""
     from resnet_jax import peers
 
     workdir = tmp_path / "run"
     endless = ("--config.total_steps=100000", "--config.checkpoint_every_steps=1")
-    for victim, rerun in ((1, False), (0, True)):
+    for victim, moment in ((1, "/100000 |"), (0, "resuming from step")):
         port = free_port()
         job = start_job(workdir, *endless, port=port)
         try:
-            if rerun:
-                wait_for_line(job[0], "resuming from step")
-            wait_for_line(job[0], "/100000 |")  # a record: checkpoints are being written
+            wait_for_line(job[0], moment)
             (trainer,) = child_pids(job[victim].pid)  # its parent is peers.supervise
             os.kill(trainer, signal.SIGKILL)
             survivor = job[1 - victim]
@@ -245,13 +244,12 @@ def test_a_process_whose_peer_dies_says_so_in_one_line_and_the_rerun_resumes(tmp
                 f"this process ({1 - victim} of 2) stops too, keeping its stderr in {log}. The "
                 "run's last checkpoint is kept: rerun the job to resume"), err
             assert "Gloo" not in err and "Traceback" not in err and "not written" not in err
-            assert "Gloo" in log.read_text()
+            assert "Gloo" in log.read_text() or "coordination service" in log.read_text()
             job[victim].communicate(timeout=60)
             assert job[victim].returncode == -signal.SIGKILL  # the trainer's end, passed on
         finally:
             for proc in job:
                 proc.kill()
-    assert checkpoint_steps(workdir)
 
 
 # What a survivor's stderr held in those runs (JAX 0.10.2), cut short: the coordinator's death
