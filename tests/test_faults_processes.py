@@ -336,3 +336,35 @@ def test_the_supervisor_passes_stop_signals_on_and_a_childs_signal_back():
     killed = subprocess.run([sys.executable, "-c", supervised, "import os; os.kill(os.getpid(), "
                              "9)"], cwd=REPO, env=environ, capture_output=True, timeout=60)
     assert killed.returncode == -signal.SIGKILL and killed.stderr == b""
+
+
+def test_a_trainer_whose_collective_lost_its_peer_ends_at_once():
+    """The trainer's own exit on a collective that lost its peer (peers.exit_if_lost): without a
+    supervisor (jobs JAX finds itself: SLURM, TPU) it prints the line; with one, the error, for
+    the supervisor's log. Any other error returns, to be raised as before."""
+    code = ("import jax, sys; from resnet_jax import peers\n"
+            "jax.process_index, jax.process_count = lambda: 1, lambda: 2\n"
+            "peers.exit_if_lost(ValueError('disk full'))\n"
+            "def save():  # as checkpoint.Checkpointer.save wraps Orbax's error\n"
+            "    try:\n"
+            "        raise ValueError('UNKNOWN: Gloo AllGather failed: [pair.cc:538] Read error '\n"
+            "                         '[127.0.0.1]:944: Connection reset by peer')\n"
+            "    except ValueError as e:\n"
+            "        raise OSError('checkpoint 4 was not written (ValueError)') from e\n"
+            "try:\n"
+            "    save()\n"
+            "except OSError as e:\n"
+            "    peers.exit_if_lost(e)\n")
+    said = {}
+    for supervised in ("", "4242"):
+        proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                              text=True, timeout=120,
+                              env={**env(), "JAX_COORDINATOR_ADDRESS": "localhost:5",
+                                   "RESNET_JAX_SUPERVISED": supervised})
+        assert proc.returncode == 75, proc.stderr
+        said[supervised] = proc.stderr
+    assert said[""] == ("resnet-jax: error: process 0 of 2 (the coordinator, localhost:5) "
+                        "stopped answering, so this process (1 of 2) stops too. The run's last "
+                        "checkpoint is kept: rerun the job to resume\n")
+    assert said["4242"].startswith("UNKNOWN: Gloo AllGather failed") and "resnet-jax" not in said[
+        "4242"]
