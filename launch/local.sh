@@ -68,7 +68,7 @@ while ((${#running[@]})); do
   running=("${next[@]}")
   if ((rc != 0 && status == 0)); then
     status=$rc
-    # Its peers would otherwise end in Gloo tracebacks and JAX's abort: name the one that ended.
+    # Name the one that ended (each peer says it stopped answering: resnet_jax/peers.py).
     for i in "${!pids[@]}"; do [[ "${pids[$i]}" == "$ended" ]] && index=$i; done
     how="with exit status $rc"
     ((rc > 128)) && how="by SIG$(kill -l $((rc - 128))) (exit status $rc)"

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from absl import flags
 from ml_collections import ConfigDict, config_flags
 
-from resnet_jax import cli
+from resnet_jax import cli, peers
 
 # Every flag of every command: name -> (absl DEFINE_*, default, value shown in help, help line).
 # Each command defines only its own (COMMANDS), so that another command's flag is refused.
@@ -147,6 +147,10 @@ def _stray_message(stray: list[str], command: str) -> str:
 
 
 def _train(argv) -> int:
+    if peers.needs_supervisor():  # one of several processes: a peer's death is one line
+        return peers.supervise([sys.executable, "-m", "resnet_jax.main", "train", *argv],
+                               _workdir(argv))
+    peers.stop_with_parent()  # when this is that supervisor's child
     # First of all: a stop signal at any moment before the training loop (whose own handler
     # checkpoints instead) must end the run with its line.
     previous = {s: signal.signal(s, _stop_outside_the_loop) for s in cli.STOP_SIGNALS}
@@ -159,7 +163,11 @@ def _train(argv) -> int:
 
         parallel.initialize_distributed()  # a no-op unless launched as several processes
         parallel.use_compilation_cache()
-        train.train_and_evaluate(config, fv.workdir, restart=fv.restart)
+        try:
+            train.train_and_evaluate(config, fv.workdir, restart=fv.restart)
+        except Exception as e:
+            peers.exit_if_lost(e)
+            raise
         return 0
     finally:
         for signum, handler in previous.items():
@@ -442,6 +450,13 @@ def _nothing_more_at_exit() -> None:
     logging.disable(logging.CRITICAL)  # asyncio's "Task exception was never retrieved", too
 
 
+def _workdir(argv: list[str]) -> str:
+    """The --workdir in `argv` (unparsed), or ""."""
+    return next((b if a == "--workdir" else a.split("=", 1)[1]
+                 for a, b in zip(argv, [*argv[1:], ""])
+                 if a == "--workdir" or a.startswith("--workdir=")), "")
+
+
 # Errors only a write raises: a full disk or quota, a read-only file system, a too large file.
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
@@ -450,10 +465,7 @@ def _describe_os_error(e: OSError, argv: list[str]) -> str:
     """One line for an OSError no one turned into a clearer error. A failed write (a full disk,
     a workdir that stopped being writable mid-run) says what is kept and how to go on; anything
     else, a read above all, names its own file and reason."""
-    name = str(e.filename or "")
-    workdir = next((b if a == "--workdir" else a.split("=", 1)[1]
-                    for a, b in zip(argv, [*argv[1:], ""])
-                    if a == "--workdir" or a.startswith("--workdir=")), "")
+    name, workdir = str(e.filename or ""), _workdir(argv)
     in_workdir = bool(name and workdir) and pathlib.Path(name).resolve().is_relative_to(
         pathlib.Path(workdir).resolve())
     if e.errno in WRITE_ERRNOS or (in_workdir and e.errno in (errno.EACCES, errno.EPERM)):

@@ -183,11 +183,13 @@ def test_a_killed_sweep_takes_its_runs_with_it(tmp_path, signum):
 # --- The processes of one job -----------------------------------------------------------------
 
 
-def start_job(workdir, *overrides_of_process_1):
+def start_job(workdir, *overrides, overrides_of_process_1=(), port=None):
     """The 2 processes of one job on this machine (one CPU device each), as launch/local.sh
-    starts them, but process 1 with `overrides_of_process_1` added to its command line."""
-    port = free_port()
-    return [subprocess.Popen(command(workdir, *(overrides_of_process_1 if i else ())), cwd=REPO,
+    starts them, with `overrides` added to the command line, and `overrides_of_process_1` to
+    process 1's."""
+    port = port or free_port()
+    return [subprocess.Popen(command(workdir, *overrides,
+                                     *(overrides_of_process_1 if i else ())), cwd=REPO,
                              env={**env(), "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i),
                                   "JAX_COORDINATOR_ADDRESS": f"localhost:{port}"},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -200,7 +202,8 @@ def test_processes_of_one_job_with_different_configs_all_stop_before_writing(tmp
     trained unseen (config.json, written by process 0, said 0.1); another total_steps hung the
     job."""
     workdir = tmp_path / "run"
-    job = start_job(workdir, "--config.learning_rate=0.5", "--config.total_steps=80")
+    job = start_job(workdir, overrides_of_process_1=("--config.learning_rate=0.5",
+                                                     "--config.total_steps=80"))
     for proc in job:
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 2, err
@@ -209,3 +212,159 @@ def test_processes_of_one_job_with_different_configs_all_stop_before_writing(tmp
             "differs from process 0 in learning_rate, total_steps): launch every process with the "
             "same command")
     assert not workdir.exists()
+
+
+def test_a_process_whose_peer_dies_says_so_in_one_line_and_the_rerun_resumes(tmp_path):
+    """kill -9 of one process's trainer (as the OOM killer or a crash ends it): the other
+    process stops at once with one line naming it, exit status 75, its stderr (Gloo's error,
+    JAX's abort) kept in WORKDIR/process-I.stderr.log; the rerun of the job resumes from the
+    last checkpoint. Before, process 1 ended in a Gloo traceback and SIGABRT; process 0 said
+    "checkpoint N was not written (ValueError)" and aborted a minute later. Process 1 dies
+    first, mid-training, as process 0 saves a checkpoint every step (its collective fails);
+    then, as the rerun resumes, process 0, the coordinator (process 1's coordination client
+    aborts)."""
+    from resnet_jax import peers
+
+    workdir = tmp_path / "run"
+    endless = ("--config.total_steps=100000", "--config.checkpoint_every_steps=1")
+    for victim, moment in ((1, "/100000 |"), (0, "resuming from step")):
+        port = free_port()
+        job = start_job(workdir, *endless, port=port)
+        try:
+            wait_for_line(job[0], moment)
+            (trainer,) = child_pids(job[victim].pid)  # its parent is peers.supervise
+            os.kill(trainer, signal.SIGKILL)
+            survivor = job[1 - victim]
+            _, err = survivor.communicate(timeout=60)  # a hang guard: it stops at once
+            assert survivor.returncode == peers.PEER_LOST, err
+            log = workdir / f"process-{1 - victim}.stderr.log"
+            coordinator = f" (the coordinator, localhost:{port})" if victim == 0 else ""
+            assert last_stderr_line(err) == (
+                f"resnet-jax: error: process {victim} of 2{coordinator} stopped answering, so "
+                f"this process ({1 - victim} of 2) stops too, keeping its stderr in {log}. The "
+                "run's last checkpoint is kept: rerun the job to resume"), err
+            assert "Gloo" not in err and "Traceback" not in err and "not written" not in err
+            assert "Gloo" in log.read_text() or "coordination service" in log.read_text()
+            job[victim].communicate(timeout=60)
+            assert job[victim].returncode == -signal.SIGKILL  # the trainer's end, passed on
+        finally:
+            for proc in job:
+                proc.kill()
+
+
+# What a survivor's stderr held in those runs (JAX 0.10.2), cut short: the coordinator's death
+# as process 1 sees it (the coordination client aborts within a second) ...
+COORDINATOR_GONE = """\
+W1207 06:20:03.970018   28433 preemption_sync_manager.cc:147] Failed to retrieve preemption \
+notice from coordination service: UNAVAILABLE: Socket closed
+E1207 06:20:03.970149   28433 coordination_service_agent.cc:289] Polled an error from \
+coordination service (this can be an error from this or another task).
+F1207 06:20:03.970156   28433 client.h:80] Terminating process because the JAX distributed \
+service detected fatal errors. This most likely indicates that another task died; see the other \
+task logs for more details. absl::Status: UNAVAILABLE: Failed to send RPC to coordination \
+service. Either the leader task was preempted/died/restarted unexpectedly or this task is \
+experiencing network issues.
+Traceback (most recent call last):
+  File "/work/resnet_jax/train.py", line 712, in loop
+    jax.block_until_ready(pending[-3][0])
+jax.errors.JaxRuntimeError: UNKNOWN: Gloo all-reduce failed: [external/gloo/gloo/transport/tcp\
+/pair.cc:538] Read error [127.0.0.1]:20196: Connection reset by peer
+*** Check failure stack trace: ***
+"""
+# ... and another process's death as the coordinator sees it, once its heartbeats stop.
+HEARTBEATS_STOPPED = """\
+E1207 06:21:52.349023   29219 coordination_service.cc:1520] [454548019773789249] Shutdown \
+barrier in coordination service has failed:
+INTERNAL: Barrier failed because: task is set to ERROR: UNAVAILABLE: Task 2 heartbeat timeout. \
+This indicates that the remote task has failed, got preempted, or crashed unexpectedly.
+F1207 06:21:52.350543   29076 client.h:80] Terminating process because the JAX distributed \
+service detected fatal errors. This most likely indicates that another task died
+"""
+ORDINARY_CRASH = """\
+Traceback (most recent call last):
+  File "/work/resnet_jax/train.py", line 1, in loop
+    raise ValueError("boom")
+ValueError: boom
+"""
+
+
+@pytest.mark.parametrize("this, count, stderr, ending, said", [
+    (1, 2, COORDINATOR_GONE, "os.abort()", "process 0 of 2 (the coordinator, localhost:5) "
+     "stopped answering, so this process (1 of 2)"),
+    (0, 3, HEARTBEATS_STOPPED, "os.abort()", "process 2 of 3 stopped answering, so this "
+     "process (0 of 3)"),
+    (0, 2, ORDINARY_CRASH, "sys.exit(1)", None)], ids=["coordinator", "heartbeats", "crash"])
+def test_the_supervisor_turns_a_lost_peer_and_nothing_else_into_its_line(
+        tmp_path, capfd, monkeypatch, this, count, stderr, ending, said):
+    """peers.supervise on a child that writes what a survivor wrote in a real job, then ends as
+    it did: one line naming the process, exit status 75, the stderr kept in the workdir. An
+    ordinary crash passes through as it was, traceback and exit status."""
+    from resnet_jax import peers
+
+    monkeypatch.setenv("JAX_NUM_PROCESSES", str(count))
+    monkeypatch.setenv("JAX_PROCESS_ID", str(this))
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:5")
+    child = (f"import os, sys; print('step 5/80'); sys.stderr.write('compiling ...\\n' + "
+             f"{stderr!r}); sys.stderr.flush(); {ending}")
+    status = peers.supervise([sys.executable, "-c", child], str(tmp_path))
+    out, err = capfd.readouterr()
+    assert out == "step 5/80\n"  # stdout untouched
+    log = tmp_path / f"process-{this}.stderr.log"
+    if said is None:
+        assert status == 1 and err == "compiling ...\n" + stderr and not log.exists()
+        return
+    assert status == peers.PEER_LOST
+    assert err == (f"compiling ...\nresnet-jax: error: {said} stops too, keeping its stderr in "
+                   f"{log}. The run's last checkpoint is kept: rerun the job to resume\n")
+    assert log.read_text() == "compiling ...\n" + stderr
+
+
+def test_the_supervisor_passes_stop_signals_on_and_a_childs_signal_back():
+    """A stop signal to the supervising parent reaches its trainer (which checkpoints on it;
+    tests/test_distributed.py stops a supervised job so), and a trainer that a signal ended
+    ends the parent with the same signal, as launch/local.sh reports it."""
+    supervised = ("import signal, sys; from resnet_jax import peers; "
+                  "sys.exit(peers.supervise([sys.executable, '-c', sys.argv[1]], None))")
+    waits = ("import os, signal, sys, time; signal.signal(signal.SIGTERM, lambda s, f: "
+             "sys.exit(128 + s)); print('ready', flush=True); time.sleep(60)")
+    environ = {**env(), "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
+    parent = subprocess.Popen([sys.executable, "-c", supervised, waits], cwd=REPO, env=environ,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_line(parent, "ready")
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=60) == 143
+    killed = subprocess.run([sys.executable, "-c", supervised, "import os; os.kill(os.getpid(), "
+                             "9)"], cwd=REPO, env=environ, capture_output=True, timeout=60)
+    assert killed.returncode == -signal.SIGKILL and killed.stderr == b""
+
+
+def test_a_trainer_whose_collective_lost_its_peer_ends_at_once():
+    """The trainer's own exit on a collective that lost its peer (peers.exit_if_lost): without a
+    supervisor (jobs JAX finds itself: SLURM, TPU) it prints the line; with one, the error, for
+    the supervisor's log. Any other error returns, to be raised as before."""
+    code = ("import jax, sys; from resnet_jax import peers\n"
+            "jax.process_index, jax.process_count = lambda: 1, lambda: 2\n"
+            "peers.exit_if_lost(ValueError('disk full'))\n"
+            "def save():  # as checkpoint.Checkpointer.save wraps Orbax's error\n"
+            "    try:\n"
+            "        raise ValueError('UNKNOWN: Gloo AllGather failed: [pair.cc:538] Read error '\n"
+            "                         '[127.0.0.1]:944: Connection reset by peer')\n"
+            "    except ValueError as e:\n"
+            "        raise OSError('checkpoint 4 was not written (ValueError)') from e\n"
+            "try:\n"
+            "    save()\n"
+            "except OSError as e:\n"
+            "    peers.exit_if_lost(e)\n")
+    said = {}
+    for supervised in ("", "4242"):
+        proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                              text=True, timeout=120,
+                              env={**env(), "JAX_COORDINATOR_ADDRESS": "localhost:5",
+                                   "RESNET_JAX_SUPERVISED": supervised})
+        assert proc.returncode == 75, proc.stderr
+        said[supervised] = proc.stderr
+    assert said[""] == ("resnet-jax: error: process 0 of 2 (the coordinator, localhost:5) "
+                        "stopped answering, so this process (1 of 2) stops too. The run's last "
+                        "checkpoint is kept: rerun the job to resume\n")
+    assert said["4242"].startswith("UNKNOWN: Gloo AllGather failed") and "resnet-jax" not in said[
+        "4242"]
