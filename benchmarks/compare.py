@@ -18,10 +18,13 @@ import os
 import sys
 
 from benchmarks import import_torch
+from resnet_jax import allocator
 from resnet_jax.cli import ArgumentParser
 
 
 def main(argv=None) -> int:
+    if argv is None:  # both frameworks get the allocator the commands get (resnet_jax.allocator)
+        allocator.preload()
     parser = ArgumentParser("benchmarks.compare", __doc__)
     parser.add_argument("--depths", default="20,56,110", help="CIFAR ResNet depths")
     parser.add_argument("--batch", type=int, default=128, help="images per step")
