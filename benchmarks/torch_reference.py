@@ -63,44 +63,61 @@ class CifarResNet(nn.Module):
         return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
 
 
+class Step:
+    """The train step of the PyTorch twin, run once (its compile, under `compile`) and once
+    more: `time(n)` times n more steps, `row(seconds)` is the row (as `resnet_jax.bench.Step`)."""
+
+    def __init__(self, depth: int, *, residual: bool = True, batch_size: int = 128,
+                 mode: str = "eager", channels_last: bool = False, device: str = "cpu"):
+        torch.manual_seed(0)
+        model = CifarResNet(depth, residual).to(device)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        model = model.to(memory_format=memory_format)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        x = torch.randn(batch_size, 3, 32, 32, device=device).to(memory_format=memory_format)
+        y = torch.randint(0, 10, (batch_size,), device=device)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            return loss
+
+        if mode == "compile":
+            torch._dynamo.reset()  # a fresh cache per net: no recompile limit across measurements
+            step = torch.compile(step)
+        elif mode != "eager":
+            raise ValueError(f"unknown mode {mode!r}: use eager or compile")
+        self.step = step
+        self.sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        self.info = {"net": f"{'ResNet' if residual else 'plain'}-{depth}",
+                     "framework": "pytorch",
+                     "mode": mode + (" channels_last" if channels_last else ""),
+                     "batch": batch_size, "torch": torch.__version__,
+                     "params": sum(p.numel() for p in model.parameters())}
+        start = time.perf_counter()
+        step()
+        self.sync()
+        self.compile_s = time.perf_counter() - start
+        self.time(1)
+
+    def time(self, steps: int) -> float:
+        """Seconds per step over `steps` more steps."""
+        start = time.perf_counter()
+        for _ in range(steps):
+            loss = self.step()
+        loss.item()
+        self.sync()
+        return (time.perf_counter() - start) / steps
+
+    def row(self, seconds: float) -> dict:
+        return self.info | {"images_per_sec": self.info["batch"] / seconds,
+                            "ms_per_step": 1e3 * seconds, "compile_s": self.compile_s}
+
+
 def measure(depth: int, *, residual: bool = True, batch_size: int = 128, steps: int = 20,
             mode: str = "eager", channels_last: bool = False, device: str = "cpu") -> dict:
-    torch.manual_seed(0)
-    model = CifarResNet(depth, residual).to(device)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    x = torch.randn(batch_size, 3, 32, 32, device=device).to(memory_format=memory_format)
-    y = torch.randint(0, 10, (batch_size,), device=device)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        return loss
-
-    if mode == "compile":
-        torch._dynamo.reset()  # a fresh cache per net: no recompile limit across measurements
-        step = torch.compile(step)
-    elif mode != "eager":
-        raise ValueError(f"unknown mode {mode!r}: use eager or compile")
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-
-    start = time.perf_counter()
-    step()
-    sync()
-    compile_s = time.perf_counter() - start
-    step()
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    loss.item()
-    sync()
-    seconds = (time.perf_counter() - start) / steps
-    return {"net": f"{'ResNet' if residual else 'plain'}-{depth}", "framework": "pytorch",
-            "mode": mode + (" channels_last" if channels_last else ""), "batch": batch_size,
-            "images_per_sec": batch_size / seconds, "ms_per_step": 1e3 * seconds,
-            "compile_s": compile_s, "torch": torch.__version__,
-            "params": sum(p.numel() for p in model.parameters())}
+    step = Step(depth, residual=residual, batch_size=batch_size, mode=mode,
+                channels_last=channels_last, device=device)
+    return step.row(step.time(steps))

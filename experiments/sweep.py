@@ -43,6 +43,7 @@ from experiments import placement
 from experiments.common import SWEEP_JSON
 from experiments.runner import (FAILURE, REPO, Stopped, failures, is_finished,
                                 latest_checkpoint)
+from resnet_jax import allocator
 from resnet_jax.cli import ArgumentParser
 
 DEFAULT_CONFIG = "resnet_jax/configs/cifar.py"
@@ -419,6 +420,8 @@ def _first_process() -> bool:
 
 
 def main(argv=None) -> int:
+    if argv is None:  # the command itself, not a call from Python
+        allocator.preload()
     from experiments.runner import run_sweep
 
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -70,56 +70,71 @@ def time_steps(step, state, batch, steps: int):
     return state, (time.perf_counter() - start) / steps
 
 
+class Step:
+    """The train step of `config` (see `prepare`), compiled and run `warmup` times: `time(n)`
+    times n more steps (the state carries on), `row(seconds)` is the row for a step time. Two
+    of these (or one and a peer's) timed in turns, round after round, see the same machine."""
+
+    def __init__(self, config, *, warmup: int = 2, num_seeds: int = 0):
+        self.config, self.num_seeds = config, num_seeds
+        self.backend, self.state, step, self.batch = prepare(config, num_seeds=num_seeds)
+        # A backend that compiles at the first call (pmap) leaves flops and memory uncounted.
+        self.flops = self.memory = None
+        net = self.net = net_name(config.depth, config.residual)
+        start = time.perf_counter()
+        with Phase(f"compiling the train step of {net}", f"compiled the train step of {net}"):
+            traced = self.backend.trace(step, self.state, self.batch)
+            if traced is not None:
+                # Model FLOPs: 2 x the multiply-adds of the step's convolutions and matrix
+                # products, forward and backward, in its traced program (XLA's cost analysis
+                # counts a loop's body once, undercounting scanned blocks, and adds elementwise
+                # work). The traced program still holds the first layer's input gradient,
+                # which XLA drops: under 0.5 % at 20 layers.
+                self.flops = 2.0 * summary.jaxpr_macs(traced.jaxpr.jaxpr)
+                step = traced.lower().compile()
+                self.memory = step.memory_analysis()
+            else:
+                self.state, metrics = step(self.state, self.batch)
+                jax.block_until_ready(metrics)
+        self.step, self.compile_s = step, time.perf_counter() - start
+        with Phase(f"running the first {warmup} train steps of {net} (not timed)",
+                   f"ran the first train steps of {net}"):
+            self.time(warmup)
+
+    def time(self, steps: int) -> float:
+        """Seconds per step over `steps` more steps."""
+        self.state, seconds = time_steps(self.step, self.state, self.batch, steps)
+        return seconds
+
+    def row(self, seconds: float) -> dict:
+        config, flops, memory = self.config, self.flops, self.memory
+        seeds = max(self.num_seeds, 1)
+        device = jax.devices()[0]
+        peak = peak_flops(device.device_kind, config.dtype)
+        images_per_device = seeds * config.batch_size / self.backend.num_devices
+        return {
+            "net": self.net,
+            "batch": config.batch_size, "seeds": seeds, "dtype": config.dtype,
+            "devices": self.backend.num_devices, "device": device.device_kind,
+            "images_per_sec": seeds * config.batch_size / seconds,
+            "ms_per_step": 1e3 * seconds, "compile_s": self.compile_s,
+            "gflops_per_step": flops / 1e9 if flops else None,
+            "achieved_tflops": flops / seconds / 1e12 if flops else None,
+            "fraction_of_peak": flops / seconds / (peak * self.backend.num_devices)
+            if flops and peak else None,
+            "mb_per_image": memory.temp_size_in_bytes / images_per_device / 2**20
+            if memory else None,
+            "device_mb": (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                          - memory.alias_size_in_bytes + memory.temp_size_in_bytes) / 2**20
+            if memory else None,
+        }
+
+
 def measure(config, *, steps: int = 20, warmup: int = 2, num_seeds: int = 0) -> dict:
     """One row: the train step of `config` (see `prepare`) timed over `steps` steps after
     `warmup`. images/s counts all seeds' batches."""
-    backend, state, step, batch = prepare(config, num_seeds=num_seeds)
-
-    flops = memory = None  # a backend that compiles at the first call (pmap): not counted here
-    net = net_name(config.depth, config.residual)
-    start = time.perf_counter()
-    with Phase(f"compiling the train step of {net}", f"compiled the train step of {net}"):
-        traced = backend.trace(step, state, batch)
-        if traced is not None:
-            # Model FLOPs: 2 x the multiply-adds of the step's convolutions and matrix products,
-            # forward and backward, in its traced program (XLA's cost analysis counts a loop's
-            # body once, undercounting scanned blocks, and adds elementwise work). The traced
-            # program still holds the first layer's input gradient, which XLA drops: under
-            # 0.5 % at 20 layers.
-            flops = 2.0 * summary.jaxpr_macs(traced.jaxpr.jaxpr)
-            step = traced.lower().compile()
-            memory = step.memory_analysis()
-        else:
-            state, metrics = step(state, batch)
-            jax.block_until_ready(metrics)
-    compile_s = time.perf_counter() - start
-    with Phase(f"running the first {warmup} train steps of {net} (not timed)",
-               f"ran the first train steps of {net}"):
-        for _ in range(warmup):
-            state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-
-    state, seconds = time_steps(step, state, batch, steps)
-
-    device = jax.devices()[0]
-    peak = peak_flops(device.device_kind, config.dtype)
-    images_per_device = max(num_seeds, 1) * config.batch_size / backend.num_devices
-    return {
-        "net": net,
-        "batch": config.batch_size, "seeds": max(num_seeds, 1), "dtype": config.dtype,
-        "devices": backend.num_devices, "device": device.device_kind,
-        "images_per_sec": max(num_seeds, 1) * config.batch_size / seconds,
-        "ms_per_step": 1e3 * seconds, "compile_s": compile_s,
-        "gflops_per_step": flops / 1e9 if flops else None,
-        "achieved_tflops": flops / seconds / 1e12 if flops else None,
-        "fraction_of_peak": flops / seconds / (peak * backend.num_devices)
-        if flops and peak else None,
-        "mb_per_image": memory.temp_size_in_bytes / images_per_device / 2**20
-        if memory else None,
-        "device_mb": (memory.argument_size_in_bytes + memory.output_size_in_bytes
-                      - memory.alias_size_in_bytes + memory.temp_size_in_bytes) / 2**20
-        if memory else None,
-    }
+    step = Step(config, warmup=warmup, num_seeds=num_seeds)
+    return step.row(step.time(steps))
 
 
 def markdown(rows: list[dict]) -> str:

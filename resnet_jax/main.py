@@ -29,7 +29,7 @@ from collections.abc import Callable
 from absl import flags
 from ml_collections import ConfigDict, config_flags
 
-from resnet_jax import cli, peers
+from resnet_jax import allocator, cli, peers
 
 # Every flag of every command: name -> (absl DEFINE_*, default, value shown in help, help line).
 # Each command defines only its own (COMMANDS), so that another command's flag is refused.
@@ -368,6 +368,8 @@ def _help(command: str | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the command itself, not a call from Python
+        allocator.preload()
     try:
         status = _main(sys.argv[1:] if argv is None else argv)
         sys.stdout.flush()  # here, not at exit, where a reader that left would be reported
