@@ -173,7 +173,7 @@ def make_train_step(graphdef, tx, schedule, axis_name: str | None = None,
         metrics = {"loss": loss, "error": error, "lr": lr, "warmup_end_step": warmup_end_step,
                    "grad_norm": optax.tree.norm(grads)}
         # The loss is measured before the update: whether the state it leaves is finite is
-        # checked too, before every save (`_check_finite`).
+        # checked too, before every save (`train.check_finite`).
         metrics["finite"] = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in
                                                jax.tree.leaves((params, batch_stats))]))
         if diagnose:
