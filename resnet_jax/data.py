@@ -290,7 +290,7 @@ def _read_error(path, e: OSError) -> DataError:
                      "or delete it")
 
 
-def _decode(path: str) -> np.ndarray:
+def decode_image(path: str) -> np.ndarray:
     """One image as RGB uint8; call it where Pillow's DecompressionBombWarning is an error
     (`_decode_all`), so that an oversized image is refused rather than decoded."""
     try:
@@ -317,10 +317,10 @@ def _decode_all(paths: list[str]) -> np.ndarray:
     first = paths[0]
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        shape = _decode(first).shape
+        shape = decode_image(first).shape
         out = np.empty((len(paths), *shape), np.uint8)
         for i, path in enumerate(paths):
-            image = _decode(path)
+            image = decode_image(path)
             if image.shape != shape:
                 raise DataError(f"{path} is {image.shape[1]}x{image.shape[0]} pixels but {first} "
                                 f"is {shape[1]}x{shape[0]}: all images must share one size "

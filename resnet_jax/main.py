@@ -68,7 +68,7 @@ def _resolve_config_path(argv: list[str]) -> list[str]:
     return out
 
 
-def _parse(argv: list[str], command: str):
+def parse_flags(argv: list[str], command: str):
     """`command`'s flags, fresh per call (so tests can call main() repeatedly): (config or None,
     flags). An argument that is not a flag is refused: absl would return it unused."""
     argv = ["resnet-jax", *_resolve_config_path(argv)]
@@ -156,7 +156,7 @@ def _train(argv) -> int:
     # checkpoints instead) must end the run with its line.
     previous = {s: signal.signal(s, _stop_outside_the_loop) for s in cli.STOP_SIGNALS}
     try:
-        config, fv = _parse(argv, "train")
+        config, fv = parse_flags(argv, "train")
         if config is None or fv.workdir is None:
             raise UsageError("train needs --config=FILE[:ARGS] and --workdir=DIR, e.g. "
                              "--config=resnet_jax/configs/cifar.py:depth=20 --workdir=runs/r20")
@@ -191,7 +191,7 @@ def _stop_outside_the_loop(signum, frame) -> None:
 
 
 def _summary(argv) -> int:
-    config, fv = _parse(argv, "summary")
+    config, fv = parse_flags(argv, "summary")
     from resnet_jax import summary
 
     if config is None:
@@ -215,7 +215,7 @@ def _summary(argv) -> int:
 
 
 def _bench(argv) -> int:
-    config, fv = _parse(argv, "bench")
+    config, fv = parse_flags(argv, "bench")
     if config is None:
         raise UsageError("bench needs --config=FILE[:ARGS], e.g. "
                          "--config=resnet_jax/configs/cifar.py:depth=20 --depths=20,56,110")
@@ -253,7 +253,7 @@ def _bench(argv) -> int:
 def _eval(argv) -> int:
     """The final evaluation of training (the whole test and validation splits), on a checkpoint;
     writes only DIR/eval-<step>[-<dataset>].json."""
-    _, fv = _parse(argv, "eval")
+    _, fv = parse_flags(argv, "eval")
     if fv.workdir is None:
         raise UsageError("eval needs --workdir=DIR of a trained run, e.g. --workdir=runs/r20")
     import jax

@@ -135,3 +135,41 @@ def test_what_a_launcher_imports_is_the_standard_library():
         assert not_standard_library(closure(name, found, at_import=True)) == [], name
     assert not [n for n in closure("resnet_jax.main", found, at_import=True)
                 if n.split(".")[0] in JAX]
+
+
+def private_uses(path: pathlib.Path, found: dict[str, pathlib.Path]) -> list[str]:
+    """Where the file at `path` uses a private name (`_x`, not `__x__`) of one of our modules:
+    imports it, reads it as `module._x`, or patches it (`setattr(module, "_x", ...)`)."""
+    private = lambda name: name.startswith("_") and not name.endswith("__")  # noqa: E731
+    tree = ast.parse(path.read_text(), str(path))
+    bound, out = set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            bound.update(a.asname for a in node.names if a.asname and a.name in found)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in (
+                *PACKAGES, "benchmarks"):
+            for a in node.names:
+                if f"{node.module}.{a.name}" in found:
+                    bound.add(a.asname or a.name)
+                elif private(a.name):
+                    out.append(f"{path.name}:{node.lineno} from {node.module} import {a.name}")
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                and node.value.id in bound and private(node.attr)):
+            out.append(f"{path.name}:{node.lineno} {node.value.id}.{node.attr}")
+        if (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "setattr"
+                and len(node.args) > 1 and isinstance(node.args[0], ast.Name)
+                and node.args[0].id in bound and isinstance(node.args[1], ast.Constant)
+                and private(str(node.args[1].value))):
+            out.append(f"{path.name}:{node.lineno} setattr({node.args[0].id}, "
+                       f"{node.args[1].value!r})")
+    return out
+
+
+def test_no_module_of_ours_uses_another_modules_private_names():
+    """A module's `_names` are its own: another module, a test or a benchmark that needs one is
+    a sign that it should be public (or tested through what is)."""
+    found = modules()
+    files = [*found.values(), *sorted((REPO / "tests").glob("*.py")),
+             *sorted((REPO / "benchmarks").glob("*.py"))]
+    assert [use for path in files for use in private_uses(path, found)] == []
