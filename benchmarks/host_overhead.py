@@ -48,10 +48,10 @@ def time_step(config, counts: list[int], calls: int, rounds: int) -> dict[str, d
     import jax.numpy as jnp
     import numpy as np
 
-    from resnet_jax import parallel, train
+    from resnet_jax import parallel, step
 
     backend = parallel.create_backend("jit", config.batch_size, 1)
-    _, state, train_step = train.make_training(config, backend, num_classes=10, in_channels=3)
+    _, state, train_step = step.make_training(config, backend, num_classes=10, in_channels=3)
     rng = np.random.default_rng(0)
     batch = jax.device_put(
         {"image": rng.normal(size=(config.batch_size, 32, 32, 3)).astype(np.float32),

@@ -32,6 +32,7 @@ import time
 
 from resnet_jax import allocator
 from resnet_jax.cli import ArgumentParser, int_list
+from resnet_jax.rundir import METRICS_JSONL
 
 NETS = {16: ["--config.base_width=8", "--config.batch_size=64", "--config.learning_rate=0.05"],
         32: ["--config.batch_size=128"]}
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
             process_s = time.perf_counter() - start
-            with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            with open(os.path.join(workdir, METRICS_JSONL)) as f:
                 records = [json.loads(line) for line in f]
         seconds += [step.time(10) for _ in range(args.rounds)]
         batch = config.batch_size

@@ -1,7 +1,8 @@
 """What the studies share: reading a sweep's runs and summarising their seeds.
 
 Standard library only at import (a launcher lists a study's runs with any Python); `read_runs`
-imports resnet_jax when it reads runs.
+imports JAX (resnet_jax.metrics) when it reads runs. The names and reading of a run's files are
+resnet_jax/rundir.py's, which runs failed experiments/sweep_root.py's.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import pathlib
 import statistics
 
-SWEEP_JSON = "sweep.json"  # in a sweep's ROOT: what it declared, and its report's defaults
+from experiments.sweep_root import failures
+from resnet_jax.rundir import CONFIG_JSON, FAILURE, METRICS_JSONL, SUMMARY_JSON, read_run_json
 
 
 def read_runs(root: pathlib.Path) -> list[dict]:
@@ -20,24 +22,22 @@ def read_runs(root: pathlib.Path) -> list[dict]:
     (finished runs; else None), `curve` (the metrics.jsonl records; [] if none) and, for the
     studies of plain and residual nets, `depth`, `residual` and `seed` from its config. A damaged
     config.json or summary.json is a ConfigError naming it."""
-    from experiments.runner import failures
-    from resnet_jax.metrics import read_records
-    from resnet_jax.train import read_run_json
+    from resnet_jax.metrics import read_records  # late: it imports JAX
 
     failed = failures(root)
-    names = sorted({p.parent.name for pattern in ("config.json", "summary.json", "failure.json")
+    names = sorted({p.parent.name for pattern in (CONFIG_JSON, SUMMARY_JSON, FAILURE)
                     for p in root.glob(f"*/{pattern}")})
     out = []
     for name in names:
         run_dir = root / name
-        config = (read_run_json(run_dir / "config.json")
-                  if name not in failed or (run_dir / "config.json").exists() else None)
-        finished = (run_dir / "summary.json").exists()
-        metrics = run_dir / "metrics.jsonl"
+        config = (read_run_json(run_dir / CONFIG_JSON)
+                  if name not in failed or (run_dir / CONFIG_JSON).exists() else None)
+        finished = (run_dir / SUMMARY_JSON).exists()
+        metrics = run_dir / METRICS_JSONL
         out.append({
             "name": name, "state": "finished" if finished else
             "failed" if name in failed else "unfinished", "reason": failed.get(name),
-            "config": config, "summary": read_run_json(run_dir / "summary.json") if finished
+            "config": config, "summary": read_run_json(run_dir / SUMMARY_JSON) if finished
             else None,
             # As the trainer reads it: a line cut short by a killed process is left out.
             "curve": read_records(metrics) if metrics.exists() else [],

@@ -28,9 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import resnet_jax
-from resnet_jax import data, models, train
+from resnet_jax import data, models
 from resnet_jax.cli import ArgumentParser, int_list
 from resnet_jax.configs import net_name
+from resnet_jax.errors import USER_ERRORS
+from resnet_jax.rundir import CONFIG_JSON, SUMMARY_JSON, read_run_json
 
 DEPTHS = (20, 56, 110)
 
@@ -104,12 +106,12 @@ def main(argv=None) -> int:
     depths = set(args.depths)
     found = {}
     try:
-        for run_dir in sorted(p.parent for p in root.glob("*/summary.json")):
-            config = train.read_run_json(run_dir / "config.json")
+        for run_dir in sorted(p.parent for p in root.glob(f"*/{SUMMARY_JSON}")):
+            config = read_run_json(run_dir / CONFIG_JSON)
             if config["depth"] in depths and config["seed"] == 0:
                 found[(config["depth"], config["residual"])] = responses(
                     run_dir, args.num_images, args.precise_bn_images)
-    except (train.ConfigError, data.DataError) as e:  # a damaged run, its data gone or changed
+    except USER_ERRORS as e:  # a damaged run, its data gone or changed
         print(f"layer_responses: error: {e}", file=sys.stderr)
         return 2
     if not found:

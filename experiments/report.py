@@ -38,9 +38,10 @@ import shutil
 import struct
 import sys
 
-from experiments.common import (SWEEP_JSON, converged, group_statistics, mean_std, not_converged,
-                                read_runs)
+from experiments.common import converged, group_statistics, mean_std, not_converged, read_runs
+from resnet_jax import rundir
 from resnet_jax.cli import ArgumentParser
+from resnet_jax.errors import ConfigError
 from resnet_jax.files import write_atomically
 
 DEFAULT_METRIC = "test/error"
@@ -60,7 +61,7 @@ class ReportError(ValueError):
 def read_sweep(root: pathlib.Path) -> dict:
     """ROOT/sweep.json, or {} where there is none (roots from before it); a damaged one is a
     ReportError naming it."""
-    path = root / SWEEP_JSON
+    path = root / rundir.SWEEP_JSON
     if not path.exists():
         return {}
     fix = "restore it or rerun the sweep to write it again"
@@ -456,7 +457,7 @@ def report(root, *, by=None, metric=None, x=None, panels=None, title=None) -> li
     the runs under `root` and prints report.md; the table's rows. Arguments left None come from
     ROOT/sweep.json's `report` section, else the defaults (module docstring). Bad input (a
     missing root, an unknown key or metric, no finished run, a damaged sweep.json) is a
-    ReportError, a damaged config.json or summary.json a train.ConfigError (both ValueErrors,
+    ReportError, a damaged config.json or summary.json a ConfigError (both ValueErrors,
     one line each), raised before anything is written."""
     root = pathlib.Path(root)
     if not root.is_dir():
@@ -482,7 +483,7 @@ def report(root, *, by=None, metric=None, x=None, panels=None, title=None) -> li
     def option(name, given):  # the flag's value, else sweep.json's, and where it came from
         if given is not None:
             return given, f"--{name}"
-        return spec.get(name), f"{root / SWEEP_JSON}'s report.{name}"
+        return spec.get(name), f"{root / rundir.SWEEP_JSON}'s report.{name}"
 
     (by, by_from), (metric, metric_from) = option("by", by), option("metric", metric)
     (x, x_from), (panels, panels_from) = option("x", x), option("panels", panels)
@@ -548,7 +549,6 @@ def main(argv=None) -> int:
     parser.add_argument("--title", help="table and figure title (default: sweep.json's, else "
                         "ROOT's name, the metric and the keys)")
     args = parser.parse_args(argv)
-    from resnet_jax.train import ConfigError  # late: --help needs no JAX
 
     try:
         report(args.root, by=args.by, metric=args.metric, x=args.x, panels=args.panels,

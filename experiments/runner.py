@@ -14,7 +14,6 @@ Declaring a sweep and its command line: experiments/sweep.py.
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import signal
@@ -22,17 +21,14 @@ import subprocess
 import sys
 import time
 import traceback
-from typing import TYPE_CHECKING
 
+from experiments.declaration import Run
+from experiments.placement import Slot
+from experiments.sweep_root import REPO, record_failure
+from resnet_jax import rundir
 from resnet_jax.cli import STOP_SIGNALS as SIGNAL_WORDS, stopped as signal_stopped
-from resnet_jax.files import write_atomically
-
-if TYPE_CHECKING:
-    from experiments.placement import Slot
-    from experiments.sweep import Run
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-FAILURE = "failure.json"  # in a run's directory: why its last attempt failed
+from resnet_jax.errors import USER_ERRORS
+from resnet_jax.rundir import FAILURE, LOG_TXT
 # A run's exit status when a signal stopped it: 128 + the signal (at a checkpoint, or with its
 # line before the training loop), or minus the signal (ended by it before Python could answer).
 STOP_SIGNALS = {status: signum for signum in SIGNAL_WORDS
@@ -63,36 +59,6 @@ class Stopped(Exception):
             message += "; these runs had failed before:"
         super().__init__("\n".join([message] + [f"  {root / name}: {reason}"
                                                  for name, reason in self.failed.items()]))
-
-
-def is_finished(workdir: pathlib.Path, total_steps: int) -> bool:
-    from resnet_jax.train import read_run_json  # a damaged summary: a ConfigError naming it
-
-    path = workdir / "summary.json"
-    return path.exists() and read_run_json(path)["step"] >= total_steps
-
-
-def failures(root: pathlib.Path) -> dict[str, str]:
-    """The runs under `root` whose last attempt failed, each with its reason: for reports, which
-    leave them out (they have no summary.json)."""
-    out = {}
-    for path in sorted(root.glob(f"*/{FAILURE}")):
-        if not (path.parent / "summary.json").exists():
-            try:
-                out[path.parent.name] = json.loads(path.read_text())["reason"]
-            except (OSError, ValueError, KeyError):
-                out[path.parent.name] = f"failed ({path} is unreadable)"
-    return out
-
-
-def _record_failure(workdir: pathlib.Path, reason: str) -> None:
-    """Writes `FAILURE` whole or not at all; failing to (a full disk) only loses the record, since
-    the sweep names the run at its end anyway."""
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        write_atomically(workdir / FAILURE, json.dumps({"reason": reason}) + "\n")
-    except OSError:
-        pass
 
 
 class Progress:
@@ -127,20 +93,12 @@ class Progress:
               f"{left} left{eta}", flush=True)
 
 
-def latest_checkpoint(workdir: pathlib.Path) -> int | None:
-    ckpts = workdir / "checkpoints"
-    steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.is_dir() else []
-    return max(steps, default=None)
-
-
 def seed_groups(todo: list[Run], configs: dict, root: pathlib.Path, size: int) -> list[list[Run]]:
     """`todo` in groups of at most `size` runs that differ only in their seed and resume from
     the same step: each group trains in one program. Order is kept within and across groups."""
     groups: dict = {}
     for run in todo:
-        config = configs[run.name].to_dict()
-        config.pop("seed")
-        key = (json.dumps(config, sort_keys=True, default=str), latest_checkpoint(root / run.name))
+        key = (rundir.seed_group(configs[run.name].to_dict()), rundir.latest_step(root / run.name))
         groups.setdefault(key, []).append(run)
     return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
 
@@ -158,7 +116,7 @@ def run_sweep(runs: list[Run], configs: dict, root: pathlib.Path, *,
     root.mkdir(parents=True, exist_ok=True)
     todo = []
     for run in runs:
-        if is_finished(root / run.name, configs[run.name].total_steps):
+        if rundir.finished_summary(root / run.name, configs[run.name].total_steps) is not None:
             # Stale: recorded while the run trained on in a process no sweep watched, which
             # then finished it.
             (root / run.name / FAILURE).unlink(missing_ok=True)
@@ -207,7 +165,7 @@ def _run_here(groups: list[list[Run]], configs: dict, root: pathlib.Path, progre
                 print(f"[sweep] {name} failed: {reason}", flush=True)
                 failed[name] = reason
                 if jax.process_index() == 0:
-                    _record_failure(root / name, reason)
+                    record_failure(root / name, reason)
                 progress.failed(name)
             continue
         for name in names:
@@ -216,10 +174,7 @@ def _run_here(groups: list[list[Run]], configs: dict, root: pathlib.Path, progre
 
 def _reason(e: Exception) -> str:
     """One line for a run's failure in this process; the traceback too where it is a bug."""
-    from resnet_jax.data import DataError
-    from resnet_jax.train import ConfigError
-
-    if isinstance(e, (ConfigError, DataError, FloatingPointError)):
+    if isinstance(e, USER_ERRORS):
         return str(e)
     if isinstance(e, OSError):
         return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
@@ -283,8 +238,8 @@ def _run_in_subprocesses(queue: list[Run], root: pathlib.Path, slots: list[Slot]
                 slot = free.pop(0)
                 workdir.mkdir(parents=True, exist_ok=True)
                 (workdir / FAILURE).unlink(missing_ok=True)
-                log = open(workdir / "log.txt", "ab")
-                offset = (workdir / "log.txt").stat().st_size
+                log = open(workdir / LOG_TXT, "ab")
+                offset = (workdir / LOG_TXT).stat().st_size
                 log.write(f"[sweep] {run.name} on {slot.describe()}\n".encode())
                 log.flush()
                 env = dict(os.environ, PYTHONPATH=str(REPO), **slot.env)
@@ -307,9 +262,9 @@ def _run_in_subprocesses(queue: list[Run], root: pathlib.Path, slots: list[Slot]
                     stopped[name] = status
                     del running[name]
                 else:
-                    failed[name] = _log_reason(root / name / "log.txt", offset, status)
+                    failed[name] = _log_reason(root / name / LOG_TXT, offset, status)
                     print(f"[sweep] {name} failed: {failed[name]}", flush=True)
-                    _record_failure(root / name, failed[name])
+                    record_failure(root / name, failed[name])
                     progress.failed(name)
     finally:
         for signum, handler in previous.items():

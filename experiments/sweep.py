@@ -32,7 +32,6 @@ defaults: ROOT/sweep.json, written here). Where runs train:
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import itertools
 import json
 import os
@@ -40,97 +39,22 @@ import pathlib
 import sys
 
 from experiments import placement
-from experiments.common import SWEEP_JSON
-from experiments.runner import (FAILURE, REPO, Stopped, failures, is_finished,
-                                latest_checkpoint)
-from resnet_jax import allocator
+from experiments.declaration import (DEFAULT_CONFIG, Run, Sweep, SweepError, config_module, find,
+                                     import_file)
+from experiments.runner import Stopped, run_sweep
+from experiments.sweep_root import failures
+from resnet_jax import allocator, rundir
 from resnet_jax.cli import ArgumentParser
-
-DEFAULT_CONFIG = "resnet_jax/configs/cifar.py"
-
-
-class SweepError(ValueError):
-    """A sweep that cannot run as declared. str(e) is one line naming the problem and the fix."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-    arg: str  # e.g. "depth=56,residual=false,seed=1": the config file's argument string
-    overrides: dict = dataclasses.field(default_factory=dict)
-    config: str = DEFAULT_CONFIG
-    dirname: str = ""  # set by `named` where the argument alone does not tell runs apart
-
-    @property
-    def name(self) -> str:
-        return self.dirname or self.arg.replace("/", "_").replace(":", "_")
-
-    def build(self):
-        """The run's ConfigDict: the config file's get_config(arg) plus the overrides. An
-        unknown key or a value of the wrong type is a SweepError."""
-        config = _config_module(self.config).get_config(self.arg)
-        for key, value in self.overrides.items():
-            if key not in config:
-                raise SweepError(f"run {self.name}: unknown config key {key!r}: "
-                                 f"use one of {', '.join(sorted(config))}")
-            try:
-                config[key] = tuple(value) if isinstance(value, list) else value
-            except (TypeError, ValueError) as e:
-                raise SweepError(f"run {self.name}: {key}={value!r} does not fit the config's "
-                                 f"{type(config[key]).__name__} ({e})") from None
-        return config
-
-    def command(self, workdir: pathlib.Path) -> list[str]:
-        """The same run as a `resnet-jax train` command line."""
-        cmd = [sys.executable, "-m", "resnet_jax.main", "train",
-               f"--config={REPO / self.config}:{self.arg}", f"--workdir={workdir}"]
-        for key, value in self.overrides.items():
-            value = f"({','.join(map(str, value))},)" if isinstance(value, (tuple, list)) else value
-            cmd.append(f"--config.{key}={value}")
-        return cmd
-
-
-@dataclasses.dataclass(frozen=True)
-class Sweep:
-    runs: list
-    # experiments.report's defaults: by, x, panels, metric, title, reference (its docstring)
-    report: dict = dataclasses.field(default_factory=dict)
-
+from resnet_jax.configs import typed
+from resnet_jax.errors import USER_ERRORS, ConfigError
 
 # --- Declaring --------------------------------------------------------------------------------
-
-
-def _path(spec: str, what: str) -> pathlib.Path:
-    """A config or sweep file as given (from here), else from the checkout."""
-    for path in (pathlib.Path(spec), REPO / spec):
-        if path.is_file():
-            return path.resolve()
-    raise SweepError(f"{what} {spec} does not exist: give a path from here or from {REPO}")
-
-
-def _import(path: pathlib.Path, name: str):
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))  # sweep files import experiments.sweeps.presets
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_config_modules = {}  # (path, mtime): the config file, run once however many runs it serves
-
-
-def _config_module(config: str):
-    path = _path(config, "config file")
-    key = (path, path.stat().st_mtime_ns)
-    if key not in _config_modules:
-        _config_modules[key] = _import(path, "sweep_config")
-    return _config_modules[key]
 
 
 def load_sweep(spec: str) -> Sweep:
     """FILE[:ARG] -> the file's get_sweep(ARG), as a Sweep."""
     path, _, arg = spec.partition(":")
-    module = _import(_path(path, "sweep file"), "sweep_file")
+    module = import_file(find(path, "sweep file"), "sweep_file")
     if not callable(getattr(module, "get_sweep", None)):
         raise SweepError(f"sweep file {path} has no get_sweep(arg): define one that returns the "
                          "runs (see experiments/sweeps/)")
@@ -164,16 +88,8 @@ def parse_value(key: str, raw: str, default):
     raw = raw.strip()
     kind = type(default)
     try:
-        if kind is bool:
-            if raw.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            return raw.lower() in ("true", "1")
-        if kind in (tuple, list):
-            element = type(default[0]) if default else int
-            items = [v for v in raw.strip("()[]").split(",") if v.strip()]
-            return tuple(parse_value(key, v, element()) for v in items)
-        return kind(raw) if kind in (int, float) else raw
-    except (ValueError, SweepError):
+        return typed(raw, default)
+    except ValueError:
         raise SweepError(f"{key}={raw} is not {'true or false' if kind is bool else 'a ' + kind.__name__}"
                          f" (the config's {key} is {default!r})") from None
 
@@ -181,7 +97,7 @@ def parse_value(key: str, raw: str, default):
 def grid_sweep(config: str, grid: list[str], seeds: int | None) -> Sweep:
     """Every combination of the `--grid=KEY=V1,V2` values (and seeds 0..seeds-1) on `config`."""
     path, _, base_arg = config.partition(":")
-    module = _config_module(path)
+    module = config_module(path)
     arg_keys = getattr(module, "ARGS", {})
     base = module.get_config(base_arg or None)
     axes: dict[str, list[str]] = {}
@@ -267,7 +183,7 @@ def declare(args, config_overrides: list[str]) -> Sweep:
         common[key] = raw
     runs = []
     for run in sweep.runs:
-        defaults = _config_module(run.config).get_config(run.arg) if common else {}
+        defaults = config_module(run.config).get_config(run.arg) if common else {}
         for key in common:
             if key not in defaults:
                 raise SweepError(f"--config.{key}: unknown config key {key!r}: use one of "
@@ -292,7 +208,7 @@ def description(args, config_overrides: list[str]) -> str:
 def build_and_check(runs: list[Run]) -> dict:
     """Every run's ConfigDict by name, each checked as `resnet-jax train` checks it: a bad run
     stops the sweep before anything trains."""
-    from resnet_jax.train import ConfigError, check_config
+    from resnet_jax.configs.check import check_config  # late: --list needs no JAX
 
     configs = {}
     for run in runs:
@@ -321,24 +237,22 @@ def check_report(report: dict, configs: dict) -> None:
 def check_root(root: pathlib.Path, runs: list[Run], configs: dict) -> None:
     """Refuses a ROOT that holds runs this sweep does not declare (another sweep's), or a run of
     this sweep's name trained with another config (its non-resumable keys)."""
-    from resnet_jax.train import RESUMABLE_KEYS, read_run_json
-
     if root.exists() and not root.is_dir():
         raise SweepError(f"--root={root} is a file: give a directory")
     names = {run.name for run in runs}
-    present = sorted(p.name for p in root.iterdir() if p.is_dir() and any(
-        (p / f).exists() for f in ("config.json", FAILURE, "checkpoints"))) if root.is_dir() else []
+    present = (sorted(p.name for p in root.iterdir() if p.is_dir() and any(
+        (p / f).exists() for f in (rundir.CONFIG_JSON, rundir.FAILURE, rundir.CHECKPOINTS)))
+        if root.is_dir() else [])
     foreign = [name for name in present if name not in names]
     if foreign:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
         raise SweepError(f"{root} holds runs that are not in this sweep ({foreign[0]}{more}): "
                          "another sweep's; give this sweep a --root of its own")
     for run in runs:
-        saved = root / run.name / "config.json"
+        saved = root / run.name / rundir.CONFIG_JSON
         if saved.exists():
-            old, new = read_run_json(saved), json.loads(configs[run.name].to_json())
-            changed = sorted(k for k in old.keys() | new.keys()
-                             if k not in RESUMABLE_KEYS and old.get(k) != new.get(k))
+            changed = rundir.changed_keys(rundir.read_run_json(saved),
+                                          rundir.config_json(configs[run.name]))
             if changed:
                 raise SweepError(f"{saved.parent} was trained with another {', '.join(changed)} "
                                  "than this sweep declares: give the sweep a new --root, or "
@@ -392,12 +306,12 @@ def plan(runs: list[Run], configs: dict, root: pathlib.Path, slots, everything: 
                  for s in slots) if slots else "one after another in this process")]
     for run in runs:
         workdir = root / run.name
-        if is_finished(workdir, configs[run.name].total_steps):
+        if rundir.finished_summary(workdir, configs[run.name].total_steps) is not None:
             state = "finished"
         elif run.name in failed:
             state = f"failed before ({failed[run.name]}): trains again"
-        elif latest_checkpoint(workdir) is not None:
-            state = f"resumes from step {latest_checkpoint(workdir)}"
+        elif rundir.latest_step(workdir) is not None:
+            state = f"resumes from step {rundir.latest_step(workdir)}"
         else:
             state = "trains"
         lines.append(f"  {run.name}: {state}")
@@ -422,8 +336,6 @@ def _first_process() -> bool:
 def main(argv=None) -> int:
     if argv is None:  # the command itself, not a call from Python
         allocator.preload()
-    from experiments.runner import run_sweep
-
     argv = list(sys.argv[1:] if argv is None else argv)
     config_overrides = [a for a in argv if a.startswith("--config.")]
     argv = [a for a in argv if not a.startswith("--config.")]
@@ -468,8 +380,6 @@ def main(argv=None) -> int:
     if args.list:  # a launcher's count of the runs: no JAX needed for a sweep file's list
         print("\n".join(run.name for run in sweep.runs))
         return 0
-    from resnet_jax.train import ConfigError
-
     try:
         configs = build_and_check(sweep.runs)
         check_report(sweep.report, configs)
@@ -504,9 +414,7 @@ def run_sweep_command(train, root: pathlib.Path, declared: dict, *, report: bool
 
     from resnet_jax import parallel
     from resnet_jax.checkpoint import WorkdirBusy, WorkdirLock
-    from resnet_jax.data import DataError
     from resnet_jax.files import write_atomically
-    from resnet_jax.train import ConfigError
 
     def write_report() -> int:
         """The report of the runs that trained; a bad report section of the sweep file or a
@@ -528,9 +436,9 @@ def run_sweep_command(train, root: pathlib.Path, declared: dict, *, report: bool
                 root.mkdir(parents=True, exist_ok=True)
             held.enter_context(WorkdirLock(root, user="sweep", shared=partial))
             if _first_process():
-                write_atomically(root / SWEEP_JSON, json.dumps(declared, indent=2) + "\n")
+                write_atomically(root / rundir.SWEEP_JSON, json.dumps(declared, indent=2) + "\n")
             train()
-        except (WorkdirBusy, ConfigError, DataError, ValueError) as e:
+        except (WorkdirBusy, *USER_ERRORS, ValueError) as e:
             print(f"sweep: error: {e}", file=sys.stderr)
             return 2
         except OSError as e:
@@ -548,7 +456,5 @@ def run_sweep_command(train, root: pathlib.Path, declared: dict, *, report: bool
         return write_report() if report and _first_process() else 0
 
 
-if __name__ == "__main__":  # as experiments.sweep, the module sweep files import Run from
-    from experiments.sweep import main as sweep_main
-
-    sys.exit(sweep_main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """Training-step throughput: `resnet-jax bench --config=FILE:ARGS [--depths=20,56,110]`.
 
-For each net: the real train step of `train.py` (the config's backend, devices, dtype and
+For each net: the real train step of `step.py` (the config's backend, devices, dtype and
 diagnostics), compiled once and timed over `steps` steps on a batch already on the devices, so
 neither compilation nor the input pipeline is counted. Reported: images/s, ms per step, compile
 time (tracing, lowering and XLA's compilation; under pmap, the first step), model FLOPs per
@@ -19,7 +19,9 @@ import time
 import jax
 import numpy as np
 
-from resnet_jax import models, parallel, summary, train
+from resnet_jax import models, parallel, summary
+from resnet_jax.configs.check import check_config
+from resnet_jax.step import create_training
 from resnet_jax.configs import net_name
 from resnet_jax.metrics import Phase
 
@@ -44,14 +46,13 @@ def prepare(config, *, num_seeds: int = 0, xla_options: dict | None = None):
     unless the config sets one: models.FAMILIES).
     `num_seeds=K`: K nets at once (seeds config.seed, config.seed + 1, ...), each with its own
     batch. `xla_options`: XLA options instead of `parallel.compiler_options`'s."""
-    train.check_config(config)
+    check_config(config)
     seeds = tuple(range(config.seed, config.seed + num_seeds))
     backend = parallel.create_backend(config.parallelism, config.batch_size, config.num_devices,
                                       seeds=seeds, xla_options=xla_options)
     family = models.FAMILIES[config.model]  # the input the paper feeds the family
-    size, classes = config.get("image_size") or family.image_size, family.num_classes
-    graphdef, state, step = train.create_training(config, backend, num_classes=classes,
-                                                  in_channels=3)
+    size, classes = config.image_size or family.image_size, family.num_classes
+    graphdef, state, step = create_training(config, backend, num_classes=classes, in_channels=3)
     rng = np.random.default_rng(0)
     lead = (num_seeds,) if num_seeds else ()
     batch = jax.device_put(

@@ -26,6 +26,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from resnet_jax.cli import STOP_SIGNALS, stopped
+from resnet_jax.rundir import SWEEP_LOCK, TRAIN_LOCK
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +94,6 @@ class Checkpointer:
                                WINDOW: ocp.JsonCheckpointHandler()})
         finally:
             absl_log.removeFilter(quiet)
-
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
 
     def save(self, step: int, state, window: dict) -> None:
         """Writes `step`: `state` and the record `window` (a JSON object); a failed write (a
@@ -224,9 +222,9 @@ class WorkdirBusy(RuntimeError):
 
 
 # Who locks a directory (`WorkdirLock`): the lock's file in it, and the refusal of a second.
-LOCKS = {"trainer": ("train.lock", "workdir {dir} is in use by another trainer ({holder}): wait "
+LOCKS = {"trainer": (TRAIN_LOCK, "workdir {dir} is in use by another trainer ({holder}): wait "
                      "for it to end, or use a new --workdir"),
-         "sweep": ("sweep.lock", "{dir} is in use by another sweep ({holder}): wait for it to "
+         "sweep": (SWEEP_LOCK, "{dir} is in use by another sweep ({holder}): wait for it to "
                    "end, or give this sweep a --root of its own")}
 
 

@@ -31,16 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from resnet_jax.errors import DataError
 from resnet_jax.files import write_atomically
 from resnet_jax.metrics import Phase
+from resnet_jax.rundir import PREPROCESSING
 
 FOLDER = "folder:"  # folder:<path>: an image-folder tree, its shape and classes read from it
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _CACHE_VERSION = 1  # Bump when decoding changes, so caches written by older code are not read.
-
-
-class DataError(ValueError):
-    """A bad dataset request. str(e) is ONE line naming the problem and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +88,13 @@ def load(name: str, *, validation_size: int = 0, tfds_data_dir: str | None = Non
                             f"{len(train.labels)}, or 0 for all of them")
         train = subset(train, train_size)
     return Dataset(name, num_classes, train, test, validation)
+
+
+def load_for(config) -> Dataset:
+    """The dataset `config` trains on, in memory (not for streamed datasets: pipeline.py)."""
+    return load(config.dataset, validation_size=config.validation_size,
+                tfds_data_dir=config.tfds_data_dir or None, image_size=config.image_size,
+                train_size=config.train_size)
 
 
 def valid_names() -> str:
@@ -285,7 +290,7 @@ def _read_error(path, e: OSError) -> DataError:
                      "or delete it")
 
 
-def _decode(path: str) -> np.ndarray:
+def decode_image(path: str) -> np.ndarray:
     """One image as RGB uint8; call it where Pillow's DecompressionBombWarning is an error
     (`_decode_all`), so that an oversized image is refused rather than decoded."""
     try:
@@ -312,10 +317,10 @@ def _decode_all(paths: list[str]) -> np.ndarray:
     first = paths[0]
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        shape = _decode(first).shape
+        shape = decode_image(first).shape
         out = np.empty((len(paths), *shape), np.uint8)
         for i, path in enumerate(paths):
-            image = _decode(path)
+            image = decode_image(path)
             if image.shape != shape:
                 raise DataError(f"{path} is {image.shape[1]}x{image.shape[0]} pixels but {first} "
                                 f"is {shape[1]}x{shape[0]}: all images must share one size "
@@ -381,9 +386,6 @@ def _cached(stem: str, build: Callable[[], tuple[int, Split, Split]],
 def mean_image(images: np.ndarray) -> np.ndarray:
     """Per-pixel mean of the training images in [0, 1] (He et al. 2015, Sec. 4.2)."""
     return images.astype(np.float64).mean(axis=0).astype(np.float32) / 255.0
-
-
-PREPROCESSING = "preprocessing.npz"  # in a run's workdir, written when it starts training
 
 
 @dataclasses.dataclass(frozen=True)
@@ -514,8 +516,7 @@ class DeviceFeed:
         self.num_train, self.image_shape = len(ds.train.labels), ds.train.images.shape[1:]
         replicate = functools.partial(jax.device_put, device=backend.replicated)
         self._images, self._labels = replicate(ds.train.images), replicate(ds.train.labels)
-        self.preprocessing = Preprocessing(mean_image(ds.train.images),
-                                           config.get("image_size", 0))
+        self.preprocessing = Preprocessing(mean_image(ds.train.images), config.image_size)
         self.mean = replicate(self.preprocessing.mean)
         padding = (config.crop_padding if config.crop_padding >= 0
                    else default_padding(ds.train.images.shape[1]))

@@ -30,6 +30,7 @@ from absl import flags
 from ml_collections import ConfigDict, config_flags
 
 from resnet_jax import allocator, cli, peers
+from resnet_jax.errors import USER_ERRORS, ConfigError
 
 # Every flag of every command: name -> (absl DEFINE_*, default, value shown in help, help line).
 # Each command defines only its own (COMMANDS), so that another command's flag is refused.
@@ -67,7 +68,7 @@ def _resolve_config_path(argv: list[str]) -> list[str]:
     return out
 
 
-def _parse(argv: list[str], command: str):
+def parse_flags(argv: list[str], command: str):
     """`command`'s flags, fresh per call (so tests can call main() repeatedly): (config or None,
     flags). An argument that is not a flag is refused: absl would return it unused."""
     argv = ["resnet-jax", *_resolve_config_path(argv)]
@@ -155,7 +156,7 @@ def _train(argv) -> int:
     # checkpoints instead) must end the run with its line.
     previous = {s: signal.signal(s, _stop_outside_the_loop) for s in cli.STOP_SIGNALS}
     try:
-        config, fv = _parse(argv, "train")
+        config, fv = parse_flags(argv, "train")
         if config is None or fv.workdir is None:
             raise UsageError("train needs --config=FILE[:ARGS] and --workdir=DIR, e.g. "
                              "--config=resnet_jax/configs/cifar.py:depth=20 --workdir=runs/r20")
@@ -190,7 +191,7 @@ def _stop_outside_the_loop(signum, frame) -> None:
 
 
 def _summary(argv) -> int:
-    config, fv = _parse(argv, "summary")
+    config, fv = parse_flags(argv, "summary")
     from resnet_jax import summary
 
     if config is None:
@@ -214,11 +215,11 @@ def _summary(argv) -> int:
 
 
 def _bench(argv) -> int:
-    config, fv = _parse(argv, "bench")
+    config, fv = parse_flags(argv, "bench")
     if config is None:
         raise UsageError("bench needs --config=FILE[:ARGS], e.g. "
                          "--config=resnet_jax/configs/cifar.py:depth=20 --depths=20,56,110")
-    from resnet_jax import bench, train
+    from resnet_jax import bench
 
     try:
         seeds = [int(k) for k in fv.seeds] or [1]
@@ -240,7 +241,7 @@ def _bench(argv) -> int:
                 # 1: the ordinary step; K > 1: K nets in one program (Backend.map_seeds).
                 rows.append(bench.measure(config, steps=fv.steps, num_seeds=k if k > 1 else 0))
             except ValueError as e:
-                raise train.ConfigError(str(e)) from None
+                raise ConfigError(str(e)) from None
             if not fv.json:
                 print(bench.markdown(rows[-1:]).splitlines()[-1] if len(rows) > 1
                       else bench.markdown(rows), flush=True)
@@ -252,22 +253,18 @@ def _bench(argv) -> int:
 def _eval(argv) -> int:
     """The final evaluation of training (the whole test and validation splits), on a checkpoint;
     writes only DIR/eval-<step>[-<dataset>].json."""
-    _, fv = _parse(argv, "eval")
+    _, fv = parse_flags(argv, "eval")
     if fv.workdir is None:
         raise UsageError("eval needs --workdir=DIR of a trained run, e.g. --workdir=runs/r20")
     import jax
 
-    from resnet_jax import data, parallel, pipeline, train, trained
+    from resnet_jax import data, parallel, pipeline, rundir, step, train, trained
 
     parallel.use_compilation_cache()
     workdir = pathlib.Path(fv.workdir)
-    graphdef, state, config, ds, step = train.restore_trained(workdir, fv.step)
+    graphdef, state, config, ds, at = trained.restore_trained(workdir, fv.step)
     preprocessing = trained.read_preprocessing(workdir, config, ds)  # the run's own input
-    try:
-        backend = parallel.create_backend(config.parallelism, config.batch_size,
-                                          config.num_devices)
-    except ValueError as e:
-        raise train.ConfigError(str(e)) from None
+    backend = step.create_backend(config)
     other = fv.dataset if fv.dataset not in (None, config.dataset) else None
     if other is None:
         feed = train.create_feed(config, backend) if ds is None else data.DeviceFeed(
@@ -278,7 +275,7 @@ def _eval(argv) -> int:
                              f"datasets (CIFAR-sized, digits, folders), not {config.dataset} "
                              "and another streamed one")
         evaluated = data.load(other, tfds_data_dir=config.tfds_data_dir or None,
-                              image_size=config.get("image_size", 0))
+                              image_size=config.image_size)
         have, need = ((d.num_classes, d.test.images.shape[1:]) for d in (evaluated, ds))
         if have != need:
             raise UsageError(
@@ -288,22 +285,19 @@ def _eval(argv) -> int:
                 "the same classes and image shape")
         feed = data.DeviceFeed(evaluated, config, backend)
     mean = jax.device_put(preprocessing.mean, backend.replicated)
-    eval_step = jax.jit(train.make_eval_step(graphdef), compiler_options=backend.compiler_options)
+    eval_step = jax.jit(step.make_eval_step(graphdef), compiler_options=backend.compiler_options)
     state = jax.device_put(state, backend.replicated)
-    result = {"step": step, "dataset": other or config.dataset}
-    try:
-        for name in feed.eval_names:
-            # As training's final evaluation sums them (train._train), so the numbers are equal.
-            loss, wrong, count = jax.device_get(
-                sum([eval_step(state, b, mean) for b in feed.eval_batches(name, whole=True)]))
-            result |= {f"{name}/error": float(100.0 * wrong / count),
-                       f"{name}/loss": float(loss / count)}
+    result = {"step": at, "dataset": other or config.dataset}
+    try:  # training's final evaluation (`Training.evaluate`), so the numbers are equal
+        (numbers,) = step.evaluate(eval_step, state, feed, mean, backend, whole=True)
     finally:
         feed.close()
+    result |= {key: float(value) for key, value in numbers.items()}
     slug = "" if other is None else "-" + re.sub(r"[^\w.]+", "_", other).strip("_")
-    path = workdir / f"eval-{step}{slug}.json"
-    train._write_json(path, result)
-    print(f"step {step} on {result['dataset']}: " + ", ".join(
+    path = workdir / rundir.eval_json(at, slug)
+    if jax.process_index() == 0:
+        rundir.write_json(path, result)
+    print(f"step {at} on {result['dataset']}: " + ", ".join(
         f"{name} error {result[f'{name}/error']:.2f}% (loss {result[f'{name}/loss']:.4f})"
         for name in feed.eval_names) + f" -> {path}", flush=True)
     return 0
@@ -425,8 +419,7 @@ def _main(argv: list[str]) -> int:
         return 0
     try:
         return COMMANDS[argv[0]].run(argv[1:])
-    except (UsageError, _raised_by("resnet_jax.train", "ConfigError"),
-            _raised_by("resnet_jax.data", "DataError"), FloatingPointError) as e:
+    except (UsageError, *USER_ERRORS) as e:
         print(f"resnet-jax: error: {e}", file=sys.stderr)
         _nothing_more_at_exit()
         return 2

@@ -17,11 +17,14 @@ import time
 import jax
 
 from resnet_jax.files import write_atomically
+from resnet_jax.rundir import METRICS_JSONL, TENSORBOARD
 
 
 # Wall-clock measurements: `time` (Unix seconds), the train step's throughput, and the seconds
 # spent evaluating and checkpointing. Two runs of the same computation differ only in these.
-TIMING_KEYS = frozenset({"time", "examples_per_sec", "eval_seconds", "checkpoint_seconds"})
+# The last two are the loop's time aside from training (`train.Clock.aside`).
+EVAL_SECONDS, CHECKPOINT_SECONDS = "eval_seconds", "checkpoint_seconds"
+TIMING_KEYS = frozenset({"time", "examples_per_sec", EVAL_SECONDS, CHECKPOINT_SECONDS})
 
 
 def read_records(path: pathlib.Path) -> list[dict]:
@@ -66,12 +69,12 @@ def hparams_session(values: dict, end: bool = False):
 class MetricsWriter:
     def __init__(self, workdir: pathlib.Path, *, total_steps: int, label: str = "",
                  config: dict | None = None):
-        self.path = workdir / "metrics.jsonl"
+        self.path = workdir / METRICS_JSONL
         self.total_steps = total_steps
         self.label = label  # prefixes progress lines: which of several runs in one program
         self.hparams = None if config is None else hparams(config)
         self.main = jax.process_index() == 0
-        self.tensorboard = workdir / "tensorboard"
+        self.tensorboard = workdir / TENSORBOARD
         self._tb = None  # opened at the first write, after `truncate` has cut the old files
 
     def records(self) -> list[dict]:

@@ -44,6 +44,8 @@ he_normal = jax.jit(jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal
                     static_argnums=(1, 2))
 
 SHORTCUTS = ("A", "B", "C")
+BLOCKS = {"post": False, "pre": True}  # config.block -> pre-activation (He et al. 2016)?
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # config.dtype: the compute dtype
 IMAGENET_STAGES = {  # depth -> (blocks per stage, bottleneck), Table 1
     18: ((2, 2, 2, 2), False),
     34: ((3, 4, 6, 3), False),

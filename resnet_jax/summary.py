@@ -111,13 +111,15 @@ class ShapeOnlyRngs:
 
 def describe_config(config) -> dict:
     """`describe` for the model and dataset of a training config."""
-    from resnet_jax import data, train
+    from resnet_jax import data
+    from resnet_jax.configs.check import check_config
+    from resnet_jax.step import create_model
 
-    train.check_config(config)
+    check_config(config)
     image_shape, num_classes = data.shape_of(config.dataset)
-    if config.get("image_size"):  # streamed sets are cropped to image_size
+    if config.image_size:  # streamed sets are cropped to image_size
         image_shape = (config.image_size, config.image_size, image_shape[-1])
-    model = nnx.eval_shape(lambda: train.create_model(
+    model = nnx.eval_shape(lambda: create_model(
         config, num_classes=num_classes, in_channels=image_shape[-1], rngs=ShapeOnlyRngs()))
     return {"config": f"{config.model} depth={config.depth} residual={config.residual} "
                       f"shortcut={config.shortcut} block={config.block} width={config.width}"

@@ -24,7 +24,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from resnet_jax import data, models, pipeline, train
+from resnet_jax import data, models, pipeline, rundir
+from resnet_jax.checkpoint import Checkpointer, SetupMismatch
+from resnet_jax.configs.check import check_keys
+from resnet_jax.errors import ConfigError
+from resnet_jax.step import (create_lr_schedule, create_model, create_optimizer,
+                             create_train_state)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -61,7 +66,7 @@ class Trained:
         graphdef, state = nnx.split(self.model)
         mean = jax.numpy.asarray(self.preprocessing.mean)
 
-        @jax.jit  # the computation of training's evaluation (train.make_eval_step)
+        @jax.jit  # the computation of training's evaluation (step.make_eval_step)
         def forward(state, images):
             model = nnx.merge(graphdef, state, copy=True)
             return models.forward(model, data.normalize(images, mean), train=False)[0]
@@ -71,9 +76,9 @@ class Trained:
 
 def load(workdir: str | pathlib.Path, step: int | None = None) -> Trained:
     """The net of the run in `workdir` at its latest readable checkpoint, or at checkpoint
-    `step`. A missing or damaged run is a train.ConfigError (one line naming the fix)."""
+    `step`. A missing or damaged run is a ConfigError (one line naming the fix)."""
     workdir = pathlib.Path(workdir)
-    graphdef, state, config, ds, step = train.restore_trained(workdir, step)
+    graphdef, state, config, ds, step = restore_trained(workdir, step)
     model = nnx.merge(graphdef, state.params, state.batch_stats)
     return Trained(config=config, model=model,
                    params=nnx.to_pure_dict(state.params),
@@ -84,7 +89,7 @@ def load(workdir: str | pathlib.Path, step: int | None = None) -> Trained:
 def read_preprocessing(workdir: pathlib.Path, config,
                        ds: data.Dataset | None) -> data.Preprocessing:
     """The preprocessing saved in `workdir`; for a run from before it was saved, the same
-    recomputed from `ds` (the run's dataset as `train.restore_trained` loads it), said on
+    recomputed from `ds` (the run's dataset as `restore_trained` loads it), said on
     stderr. Writes nothing (the run trains no further to save it; a resumed run does)."""
     saved = data.Preprocessing.read(workdir)
     if saved is not None:
@@ -92,7 +97,57 @@ def read_preprocessing(workdir: pathlib.Path, config,
     if ds is None:  # streamed: a constant of the pipeline
         prep = data.Preprocessing(np.asarray(pipeline.MEAN_RGB, np.float32), 0)
     else:
-        prep = data.Preprocessing(data.mean_image(ds.train.images), config.get("image_size", 0))
-    print(f"{workdir} has no {data.PREPROCESSING} (trained before it was saved): recomputed "
+        prep = data.Preprocessing(data.mean_image(ds.train.images), config.image_size)
+    print(f"{workdir} has no {rundir.PREPROCESSING} (trained before it was saved): recomputed "
           "its mean image from the training set", file=sys.stderr, flush=True)
     return prep
+
+
+def restore_trained(workdir: str | pathlib.Path, step: int | None = None):
+    """(graphdef, train state, config, dataset, the step read) of a run's latest readable
+    checkpoint, or of checkpoint `step` (`resnet_jax.load` is the public way in). The dataset
+    is None for streamed datasets (ImageNet): they are never loaded whole.
+
+    Reads only (a damaged newest checkpoint stays where it is, for the run's own rerun to deal
+    with) and prints which step it loaded, and so whether it is the one summary.json reports.
+    """
+    wanted, workdir = step, pathlib.Path(workdir)
+    path = workdir / rundir.CONFIG_JSON
+    if not path.exists():
+        raise ConfigError(f"{workdir} holds no run (no {path.name}): pass a run's --workdir")
+    config = ml_collections.ConfigDict(rundir.read_run_json(path))
+    check_keys(path, config)
+    data_dir = config.tfds_data_dir or None
+    if pipeline.is_streamed(config.dataset):
+        ds, num_classes, in_channels = None, pipeline.num_classes(config.dataset, data_dir), 3
+    else:
+        ds = data.load_for(config)
+        num_classes, in_channels = ds.num_classes, ds.train.images.shape[-1]
+    model = create_model(config, num_classes=num_classes, in_channels=in_channels)
+    graphdef, state = create_train_state(model, create_optimizer(config),
+                                         create_lr_schedule(config))
+    if not (workdir / rundir.CHECKPOINTS).is_dir():
+        raise ConfigError(f"{workdir} has no checkpoints: train it first")
+    checkpointer = Checkpointer(workdir / rundir.CHECKPOINTS, keep=config.keep_checkpoints,
+                                read_only=True)
+    latest = rundir.latest_step(workdir)
+    try:
+        step, restored, _, unreadable = checkpointer.read_latest(
+            state, None if wanted is None else (wanted,))
+    except SetupMismatch as e:
+        raise ConfigError(f"{workdir} holds checkpoints of a different setup ({e}): the data "
+                          "or code changed since it was trained") from None
+    finally:
+        checkpointer.close()
+    if restored is None and wanted is not None and latest is not None:
+        raise ConfigError(f"checkpoint {wanted} of {workdir} "
+                          + ("cannot be read" if unreadable else "does not exist")
+                          + f": pick another step, e.g. the latest, {latest}")
+    if restored is None:
+        raise ConfigError(f"{workdir} has no readable checkpoint: train it first")
+    summary_path = workdir / rundir.SUMMARY_JSON
+    summary = rundir.read_run_json(summary_path) if summary_path.exists() else {}
+    print(f"loaded checkpoint {step} of {workdir}" + (
+        f" (its summary.json says step {summary['step']}: the newer checkpoints could not be "
+        "read)" if wanted is None and summary.get("step", step) > step else ""), flush=True)
+    return graphdef, restored, config, ds, step

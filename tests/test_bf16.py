@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from resnet_jax import models, parallel, train
+from resnet_jax.step import TrainCalls, make_training
 from resnet_jax.configs import cifar
 
 BATCH = 32
@@ -59,7 +60,7 @@ def saved_activations(graphdef, state, images, capsys) -> list[tuple[str, int]]:
 @pytest.mark.parametrize("block", ["post", "pre"])
 def test_bfloat16_computes_in_bfloat16_and_keeps_float32_state(block, capsys):
     backend = parallel.create_backend("jit", BATCH, 1)
-    graphdef, state, train_step = train.make_training(config("bfloat16", block=block), backend,
+    graphdef, state, train_step = make_training(config("bfloat16", block=block), backend,
                                                       num_classes=10, in_channels=1)
     f32, bf16 = np.dtype("float32"), np.dtype("bfloat16")
     assert dtypes(state.params) == dtypes(state.batch_stats) == dtypes(state.opt_state) == {f32}
@@ -87,7 +88,7 @@ def test_bfloat16_computes_in_bfloat16_and_keeps_float32_state(block, capsys):
     images = jnp.zeros((BATCH, 8, 8, 1), jnp.float32)
     kept = saved_activations(graphdef, state, images, capsys)
     assert kept and "f32" not in {dtype for dtype, _ in kept}
-    graphdef32, state32, _ = train.make_training(config("float32", block=block), backend,
+    graphdef32, state32, _ = make_training(config("float32", block=block), backend,
                                                  num_classes=10, in_channels=1)
     assert "f32" in {dtype for dtype, _ in saved_activations(graphdef32, state32, images, capsys)}
 
@@ -98,8 +99,8 @@ def last_errors(dtype: str, steps: int = 300, window: int = 100) -> float:
     c = config(dtype, log_diagnostics=False, steps_per_call=100)
     backend = parallel.create_backend("jit", BATCH, 1)
     feed = train.create_feed(c, backend)
-    _, state, train_step = train.make_training(c, backend, num_classes=10, in_channels=1)
-    calls = train.TrainCalls(c, backend, train_step, feed)
+    _, state, train_step = make_training(c, backend, num_classes=10, in_channels=1)
+    calls = TrainCalls(c, backend, train_step, feed)
     state, errors = backend.put_state(state), []
     for first in range(0, steps, 100):
         state, metrics = calls(state, first, 100)

@@ -21,6 +21,7 @@ from flax import nnx
 
 from resnet_jax import models, summary
 from resnet_jax.main import main
+from resnet_jax.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "resnet_jax/configs/cifar.py"
@@ -345,11 +346,10 @@ def test_a_run_is_its_own_hparams_session_beside_its_curves(finished_run, resume
 
 def test_load_names_a_cut_config(finished_run, tmp_path):
     import resnet_jax
-    from resnet_jax import train
 
     workdir = copy_run(finished_run, tmp_path / "run")
     cut(workdir / "config.json")
-    with pytest.raises(train.ConfigError, match=str(workdir / "config.json")):
+    with pytest.raises(ConfigError, match=str(workdir / "config.json")):
         resnet_jax.load(workdir)
 
 

@@ -185,7 +185,7 @@ def test_folder_second_load_is_a_cache_hit(tmp_path, monkeypatch):
     def fail(path):
         raise AssertionError(f"decoded {path} on a cached load")
 
-    monkeypatch.setattr(data, "_decode", fail)
+    monkeypatch.setattr(data, "decode_image", fail)
     second = data.load(f"folder:{tmp_path}", validation_size=2)
     for a, b in [(first.train, second.train), (first.validation, second.validation),
                  (first.test, second.test)]:

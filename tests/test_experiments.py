@@ -7,8 +7,8 @@ import pathlib
 
 import pytest
 
-from experiments import layer_responses, runner, sweep
-from experiments.sweep import Run
+from experiments import layer_responses, runner, sweep, sweep_root
+from experiments.declaration import Run
 from experiments.sweeps import degradation, preact, shortcuts
 from experiments.sweeps.presets import PRESETS
 from tests.test_data import write_prepared_tfds
@@ -281,7 +281,7 @@ def test_a_failed_run_is_named_and_the_rest_of_the_sweep_trains(tmp_path, capsys
     assert "not finite by step" in line
     assert json.loads((root / good / "summary.json").read_text())["step"] == 2
     assert not (root / bad / "summary.json").exists()
-    assert list(runner.failures(root)) == [bad]
+    assert list(sweep_root.failures(root)) == [bad]
     numbers = json.loads((root / "report.json").read_text())
     assert list(numbers["failed_runs"]) == [bad]
     assert [r["runs"] for r in numbers["table"]] == [1]

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from experiments import runner
+from resnet_jax import rundir
 from tests.test_distributed import free_port
 from tests.test_experiments import alive, child_pids, sweep_file
 from tests.test_faults import (REPO, checkpoint_steps, command, env, last_stderr_line, start,
@@ -117,14 +117,14 @@ def test_a_second_sweep_into_a_root_is_refused_and_a_run_in_use_is_waited_for(tm
         first.kill()
     for run in (busy, free):
         assert json.loads((run / "summary.json").read_text())["step"] == 2
-        assert not (run / runner.FAILURE).exists()
+        assert not (run / rundir.FAILURE).exists()
     # A failure recorded while a run trained on unwatched, which then finished it, is stale.
-    (busy / runner.FAILURE).write_text('{"reason": "in use by another trainer"}\n')
+    (busy / rundir.FAILURE).write_text('{"reason": "in use by another trainer"}\n')
     rerun = subprocess.run([sys.executable, "-m", "experiments.sweep", spec, f"--root={root}",
                             "--no-report"], cwd=REPO, env=sweep_env(), capture_output=True,
                            text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
-    assert not (busy / runner.FAILURE).exists()
+    assert not (busy / rundir.FAILURE).exists()
 
 
 def test_partial_sweeps_share_a_root_that_a_whole_sweep_holds_alone(tmp_path):

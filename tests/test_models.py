@@ -229,19 +229,20 @@ def test_scanned_blocks_compute_what_the_unrolled_loop_computes(depth, kwargs):
 def test_scanned_train_step_does_not_grow_with_depth():
     """The lowered train step (forward, backward, diagnostics) holds one copy of each distinct
     block under scan_blocks=True: as many convolutions at 32 layers as at 20."""
-    from resnet_jax import train
+    from resnet_jax.step import (create_lr_schedule, create_optimizer, create_train_state,
+                                 make_train_step)
     from resnet_jax.configs import cifar
 
     config = cifar.get_config()
-    schedule = train.create_lr_schedule(config)
-    tx = train.create_optimizer(config)
+    schedule = create_lr_schedule(config)
+    tx = create_optimizer(config)
     batch = {"image": jnp.zeros((2, 16, 16, 3)), "label": jnp.zeros((2,), jnp.int32)}
 
     def convolutions(depth, scan):
         model = models.cifar_resnet(depth, scan_blocks=scan, rngs=nnx.Rngs(0),
                                     convolution=xla_cpu.convolution("cpu", scan))
-        graphdef, state = train.create_train_state(model, tx, schedule)
-        step = train.make_train_step(graphdef, tx, schedule, stage_of_block=model.stage_of_block)
+        graphdef, state = create_train_state(model, tx, schedule)
+        step = make_train_step(graphdef, tx, schedule, stage_of_block=model.stage_of_block)
         text = jax.jit(step).lower(state, batch).as_text()
         return re.findall(r"dim_numbers = (\[[^]]*\]x\[[^]]*\]->\[[^]]*\])", text)
 

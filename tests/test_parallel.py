@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from resnet_jax import parallel, train
+from resnet_jax.step import create_training
 from resnet_jax.configs import cifar
 
 BATCH = 32
@@ -24,7 +25,7 @@ def config(**overrides):
 
 def one_step(cfg, backend_name, num_devices, batch):
     backend = parallel.create_backend(backend_name, cfg.batch_size, num_devices)
-    _, state, step = train.create_training(cfg, backend, num_classes=10, in_channels=3)
+    _, state, step = create_training(cfg, backend, num_classes=10, in_channels=3)
     before = jax.device_get(state)
     new_state, metrics = step(backend.put_state(state), jax.device_put(batch,
                                                                        backend.data_sharding))
@@ -115,7 +116,7 @@ def test_cpu_steps_leave_convolutions_to_xla(batch):
     assert parallel.compiler_options("gpu") is None
     backend = parallel.create_backend("jit", BATCH, 1)
     assert backend.compiler_options == parallel.CPU_COMPILER_OPTIONS
-    _, state, step = train.create_training(config(), backend, num_classes=10, in_channels=3)
+    _, state, step = create_training(config(), backend, num_classes=10, in_channels=3)
     hlo = step.lower(state, batch).compile().as_text()
     fusions = [line for line in hlo.splitlines() if line.lstrip().startswith("%ynn_fusion")]
     assert fusions, "the options keep YNNPACK's reductions, so some fusions must be there"

@@ -9,6 +9,8 @@ import jax
 import pytest
 
 from resnet_jax import train
+from resnet_jax.configs.check import check_config
+from resnet_jax.errors import ConfigError
 from resnet_jax.configs import cifar
 
 
@@ -51,14 +53,14 @@ def test_profile_traces_the_steps_asked_for_and_names_the_train_step(tmp_path, c
 ])
 def test_the_steps_traced(monkeypatch, tmp_path, profile_steps, total_steps, start, stop,
                           expected):
-    """What the loop's calls of `_Profile` start, name and stop (the trace itself replaced),
+    """What the loop's calls of `Profile` start, name and stop (the trace itself replaced),
     for a run that trains steps start..stop-1 of total_steps."""
     calls = []
     monkeypatch.setattr(jax.profiler, "start_trace", lambda *a, **k: calls.append("start"))
     monkeypatch.setattr(jax.profiler, "stop_trace", lambda: calls.append("stop"))
     monkeypatch.setattr(jax.profiler, "StepTraceAnnotation",
                         lambda name, step_num: calls.append(step_num) or contextlib.nullcontext())
-    profile = train._Profile(config(total_steps, profile_steps), tmp_path, start)
+    profile = train.Profile(config(total_steps, profile_steps), tmp_path, start)
     for step in range(start, stop):
         with profile.step(step):
             pass
@@ -69,6 +71,6 @@ def test_the_steps_traced(monkeypatch, tmp_path, profile_steps, total_steps, sta
 
 @pytest.mark.parametrize("steps", [(-1, 3), (3, 3), (5, 2), (1, 2, 3), (1,), (4, 10)])
 def test_bad_profile_steps_are_one_line_errors(steps):
-    with pytest.raises(train.ConfigError, match=r"^profile_steps=\(") as e:
-        train.check_config(config(4, steps))
+    with pytest.raises(ConfigError, match=r"^profile_steps=\(") as e:
+        check_config(config(4, steps))
     assert "\n" not in str(e.value)

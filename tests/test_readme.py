@@ -12,7 +12,7 @@ import shlex
 import pytest
 
 from resnet_jax import cli
-from resnet_jax.main import COMMANDS, UsageError, _parse
+from resnet_jax.main import COMMANDS, UsageError, parse_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # What the install line and the extras the README names put into .venv/bin.
@@ -46,7 +46,7 @@ def check_parses(argv: list[str]) -> None:
     if program == "resnet-jax":
         assert args and args[0] in COMMANDS, argv
         try:
-            _parse(args[1:], args[0])
+            parse_flags(args[1:], args[0])
         except UsageError as e:
             pytest.fail(f"{shlex.join(argv)}: {e}")
     elif program == "python" and args[:1] == ["-m"] and args[1].split(".")[0] not in (

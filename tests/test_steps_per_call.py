@@ -13,6 +13,9 @@ import numpy as np
 import pytest
 
 from resnet_jax import checkpoint, parallel, train
+from resnet_jax.configs.check import check_config
+from resnet_jax.errors import ConfigError
+from resnet_jax.step import TrainCalls, make_training
 from resnet_jax.configs import cifar
 from resnet_jax.metrics import TIMING_KEYS
 
@@ -46,8 +49,8 @@ def test_several_steps_per_call_train_what_single_steps_train(tmp_path, monkeypa
     (7 and 14), and the loop asks for preemption once per call. The warm-up's switch (by the
     rule, at a step from 3 to 6) and the learning-rate steps at 9 and 13 fall inside calls."""
     calls, asked = [], []
-    call = train.TrainCalls.__call__
-    monkeypatch.setattr(train.TrainCalls, "__call__", lambda self, state, first, count: (
+    call = TrainCalls.__call__
+    monkeypatch.setattr(TrainCalls, "__call__", lambda self, state, first, count: (
         calls.append((first, count)) or call(self, state, first, count)))
     reached = train.PreemptionWatch.reached
     monkeypatch.setattr(train.PreemptionWatch, "reached",
@@ -92,11 +95,11 @@ def test_calls_of_several_steps_on_two_devices(parallelism, seeds):
     c = config(parallelism=parallelism, num_devices=2, warmup_until_error=0.0)
     backend = parallel.create_backend(parallelism, c.batch_size, 2, seeds=seeds)
     feed = train.create_feed(c, backend)
-    _, initial, train_step = train.make_training(c, backend, num_classes=10, in_channels=1)
+    _, initial, train_step = make_training(c, backend, num_classes=10, in_channels=1)
 
     def run(steps_per_call, counts):
         c.steps_per_call = steps_per_call
-        calls = train.TrainCalls(c, backend, train_step, feed)
+        calls = TrainCalls(c, backend, train_step, feed)
         state, metrics, first = backend.put_state(jax.tree.map(jnp.copy, initial)), [], 0
         for count in counts:
             state, m = calls(state, first, count)
@@ -116,7 +119,7 @@ def test_calls_of_several_steps_on_two_devices(parallelism, seeds):
     (0, (3, 6), 3), (3, (3, 6), 6), (6, (3, 6), 12)])
 def test_calls_end_where_a_step_is_logged_evaluated_saved_or_profiled(step, profile_steps, end,
                                                                       monkeypatch):
-    """Where the call of up to 8 steps that starts at `step` ends (`_Training._call_end`), with
+    """Where the call of up to 8 steps that starts at `step` ends (`Training.call_end`), with
     records every 20 steps, evaluations every 12, checkpoints every 30, 50 steps in all, and a
     profile of steps `profile_steps`: on every process of a job alike (process 0 traces, the
     others do not, and all must make the same calls)."""
@@ -125,8 +128,8 @@ def test_calls_end_where_a_step_is_logged_evaluated_saved_or_profiled(step, prof
     for process in (0, 1):
         monkeypatch.setattr(jax, "process_index", lambda: process)
         training = types.SimpleNamespace(config=c, calls=types.SimpleNamespace(per_call=8),
-                                         profile=train._Profile(c, pathlib.Path("unused"), 0))
-        assert train._Training._call_end(training, step) == end
+                                         profile=train.Profile(c, pathlib.Path("unused"), 0))
+        assert train.Training.call_end(training, step) == end
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -135,6 +138,6 @@ def test_calls_end_where_a_step_is_logged_evaluated_saved_or_profiled(step, prof
      r"^steps_per_call=4 needs a dataset on the devices, but imagenet2012 is streamed"),
 ])
 def test_bad_steps_per_call_is_a_one_line_error(overrides, message):
-    with pytest.raises(train.ConfigError, match=message) as e:
-        train.check_config(config(**overrides))
+    with pytest.raises(ConfigError, match=message) as e:
+        check_config(config(**overrides))
     assert "\n" not in str(e.value)

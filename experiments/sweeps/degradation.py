@@ -14,7 +14,7 @@ best, its mean +- std of 5 beside the mean, the other depths' one run beside the
 a section of its own, marked not comparable, at every other scale.
 """
 
-from experiments.sweep import Sweep
+from experiments.declaration import Sweep
 from experiments.sweeps.presets import study_arg
 
 # He et al. 2015, Table 6: CIFAR-10 test error (%) of the residual nets. ResNet-110 was trained 5

@@ -5,7 +5,7 @@
 Argument (optional): steps, the iterations of each run (default 200): `lr_depth.py:steps=400`.
 """
 
-from experiments.sweep import Run, Sweep
+from experiments.declaration import Run, Sweep
 from resnet_jax.configs import parse_arg
 
 

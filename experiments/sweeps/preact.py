@@ -9,7 +9,7 @@ the numbers at the paper preset and apart at any other. Argument: preset, datase
 for degradation.py.
 """
 
-from experiments.sweep import Run, Sweep
+from experiments.declaration import Run, Sweep
 from experiments.sweeps.presets import study_arg
 
 # He et al. 2016 ("Identity Mappings in Deep Residual Networks"), Table 3 (110) and Table 5

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from experiments.sweep import Run
+from experiments.declaration import Run
 from resnet_jax.configs import parse_arg, warmup
 
 

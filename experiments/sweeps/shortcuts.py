@@ -8,7 +8,7 @@ slightly better than A and C marginally better than B on ImageNet (Table 3), and
 CIFAR. Argument: preset, dataset, seeds, as for degradation.py; the preset sets the schedule.
 """
 
-from experiments.sweep import Run, Sweep
+from experiments.declaration import Run, Sweep
 from experiments.sweeps.presets import study_arg
 
 

@@ -20,7 +20,7 @@ def warmup(depth: int, total_steps: int = PAPER_TOTAL_STEPS) -> dict:
     """The warm-up config keys of a net of `depth` on a schedule of `total_steps` iterations:
     from ResNet-110 on, until the mean training error of the last 20 batches is below 80 %, at
     most 2,000 iterations (5x the paper's 400), both counts scaled from the paper's 64k
-    iterations (train.LrSchedule applies the rule); shallower nets do not warm up."""
+    iterations (step.LrSchedule applies the rule); shallower nets do not warm up."""
     warm = depth >= WARMUP_FROM_DEPTH
     return {"warmup_until_error": 80.0 if warm else 0.0,
             "warmup_steps": max(1, 2_000 * total_steps // PAPER_TOTAL_STEPS) if warm else 0,
@@ -32,8 +32,24 @@ def net_name(depth: int, residual: bool) -> str:
     return f"{'ResNet' if residual else 'plain'}-{depth}"
 
 
+def typed(raw: str, default):
+    """The text `raw` as a value of `default`'s type: bool (true/false/1/0), int, float, a tuple
+    (`(1,2)`, its elements of the type of `default`'s first, else int), or text. A ValueError
+    where it is not one; the caller's message names the key."""
+    kind = type(default)
+    if kind is bool:
+        if raw.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(raw)
+        return raw.lower() in ("true", "1")
+    if kind in (tuple, list):
+        element = type(default[0]) if default else int
+        items = [v for v in raw.strip("()[]").split(",") if v.strip()]
+        return tuple(typed(v.strip(), element()) for v in items)
+    return kind(raw) if kind in (int, float) else raw
+
+
 def parse_arg(arg: str | None, **defaults):
-    """key=value pairs, comma-separated; values take the type of their default."""
+    """key=value pairs, comma-separated; values take the type of their default (`typed`)."""
     values = dict(defaults)
     for item in filter(None, (arg or "").split(",")):
         key, sep, raw = item.partition("=")
@@ -42,16 +58,9 @@ def parse_arg(arg: str | None, **defaults):
             raise ValueError(
                 f"config argument {item!r} is not key=value with key in {', '.join(defaults)}"
             )
-        kind = type(defaults[key])
-        if kind is bool:
-            if raw.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"config argument {key}={raw} must be true or false")
-            values[key] = raw.lower() in ("true", "1")
-        elif kind is int:
-            try:
-                values[key] = int(raw)
-            except ValueError:
-                raise ValueError(f"config argument {key}={raw} must be an integer") from None
-        else:
-            values[key] = raw
+        try:
+            values[key] = typed(raw, defaults[key])
+        except ValueError:
+            what = {bool: "true or false", int: "an integer"}.get(type(defaults[key]), "valid")
+            raise ValueError(f"config argument {key}={raw} must be {what}") from None
     return values

@@ -73,7 +73,7 @@ def get_config(arg=None):
     c.learning_rate = 0.1
     c.lr_boundaries_steps = (32_000, 48_000)
     c.lr_decay_factor = 0.1
-    # Warm-up (train.LrSchedule): the paper's ResNet-110 trains at lr 0.01 "until the training
+    # Warm-up (step.LrSchedule): the paper's ResNet-110 trains at lr 0.01 "until the training
     # error is below 80 % (about 400 iterations)", then at 0.1. With warmup_until_error > 0 the
     # warm-up ends after the first step at which the mean error of the last
     # warmup_error_window_steps batches is below it, at warmup_steps at the latest (a cap, here
