@@ -321,7 +321,7 @@ def check_report(report: dict, configs: dict) -> None:
 def check_root(root: pathlib.Path, runs: list[Run], configs: dict) -> None:
     """Refuses a ROOT that holds runs this sweep does not declare (another sweep's), or a run of
     this sweep's name trained with another config (its non-resumable keys)."""
-    from resnet_jax.train import RESUMABLE_KEYS, read_run_json
+    from resnet_jax.train import read_run_json, resume_changes
 
     if root.exists() and not root.is_dir():
         raise SweepError(f"--root={root} is a file: give a directory")
@@ -336,9 +336,7 @@ def check_root(root: pathlib.Path, runs: list[Run], configs: dict) -> None:
     for run in runs:
         saved = root / run.name / "config.json"
         if saved.exists():
-            old, new = read_run_json(saved), json.loads(configs[run.name].to_json())
-            changed = sorted(k for k in old.keys() | new.keys()
-                             if k not in RESUMABLE_KEYS and old.get(k) != new.get(k))
+            changed = resume_changes(read_run_json(saved), json.loads(configs[run.name].to_json()))
             if changed:
                 raise SweepError(f"{saved.parent} was trained with another {', '.join(changed)} "
                                  "than this sweep declares: give the sweep a new --root, or "

@@ -8,7 +8,6 @@ The train step is a pure function `(state, batch) -> (state, metrics)` on one gl
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import pathlib
@@ -24,12 +23,13 @@ import optax
 from flax import nnx
 from jax.extend import core as jax_core
 
-from resnet_jax import data, models, parallel, pipeline, xla_cpu
+from resnet_jax import data, models, optim, parallel, pipeline, xla_cpu
 from resnet_jax.checkpoint import (Checkpointer, NoneReadable, Preempted, PreemptionWatch,
                                    SetupMismatch, WorkdirBusy, WorkdirLock)
-from resnet_jax.configs import cifar, imagenet
+from resnet_jax.configs import ADDED_KEYS, cifar, imagenet
 from resnet_jax.files import write_atomically
 from resnet_jax.metrics import MetricsWriter, Phase
+from resnet_jax.optim import LrSchedule
 
 BLOCKS = {"post": False, "pre": True}  # block -> pre-activation?
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -38,6 +38,14 @@ RESUMABLE_KEYS = {"total_steps", "log_every_steps", "log_diagnostics", "eval_eve
                   "eval_subset", "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size",
                   "parallelism", "num_devices", "tfds_data_dir", "not_converged_fraction_of_chance",
                   "input_threads", "input_workers", "profile_steps", "steps_per_call"}
+
+
+def resume_changes(old: dict, new: dict) -> list[str]:
+    """The keys in which config `new` differs from a run's `old` that a resume refuses: all but
+    RESUMABLE_KEYS, and total_steps where the schedule ends there ('cosine')."""
+    resumable = RESUMABLE_KEYS - ({"total_steps"} if new.get("schedule") == "cosine" else set())
+    return sorted(k for k in old.keys() | new.keys()
+                  if k not in resumable and old.get(k) != new.get(k))
 
 
 class ConfigError(ValueError):
@@ -53,9 +61,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     family = models.FAMILIES.get(config.model)
     try:  # the net (family, depth, widths, shortcut) and the parallelism: checked by their owners
         models.check_architecture(config.model, config.depth, width=config.width,
-                                  shortcut=config.shortcut,
+                                  shortcut=config.shortcut, ablation=dict(
+                                      norm=config.norm, norm_groups=config.norm_groups,
+                                      residual_init=config.residual_init,
+                                      residual=config.residual,
+                                      preact=BLOCKS.get(config.block, False)),
                                   **{k: config[k] for k in family.options} if family else {})
         parallel.check_parallelism(config.parallelism)
+        optim.check_config(config)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     need(config.block in BLOCKS, f"unknown block {config.block!r}: use post or pre")
@@ -142,6 +155,9 @@ def read_run_json(path: pathlib.Path) -> dict:
     missing = [key for key in _SUMMARY_KEYS if key not in obj]
     if path.name == "summary.json" and missing:
         raise ConfigError(f"{path} has no {', '.join(map(repr, missing))}: {fix}")
+    if path.name == "config.json":  # written before keys whose defaults mean what it ran
+        defaults = _config_defaults(obj)
+        obj = {**{k: defaults[k] for k in ADDED_KEYS if k in defaults}, **obj}
     return obj
 
 
@@ -159,72 +175,21 @@ def create_model(config, *, num_classes: int, in_channels: int,
                         in_channels=in_channels, residual=config.residual,
                         shortcut=config.shortcut, preact=BLOCKS[config.block],
                         dtype=DTYPES[config.dtype], bn=bn, scan_blocks=scan_blocks,
-                        convolution=convolution, rngs=rngs or nnx.Rngs(config.seed))
-
-
-@dataclasses.dataclass(frozen=True)
-class LrSchedule:
-    """Step-wise (Sec. 4.2): `learning_rate` times `lr_decay_factor` per boundary passed, after
-    a warm-up at `warmup_learning_rate`.
-
-    The warm-up lasts `warmup_steps` steps. With `warmup_until_error` > 0 it follows the paper's
-    rule for ResNet-110 (lr 0.01 "until the training error is below 80 %", about 400 iterations,
-    then 0.1) and `warmup_steps` is its cap: it ends after the first step at which the training
-    error is below `warmup_until_error`. The training error here is the mean error (%) of the
-    last `warmup_error_window_steps` global batches, each measured in its own train step before
-    the update (the paper does not say; one batch's error is noisy), judged only once that many
-    steps have run. The train state holds where the warm-up ends and the errors it is judged on
-    (`TrainState`), so every process and every resume switches at the same step.
-    """
-
-    learning_rate: float
-    lr_decay_factor: float
-    lr_boundaries_steps: tuple[int, ...]
-    warmup_learning_rate: float
-    warmup_steps: int
-    warmup_until_error: float
-    warmup_error_window_steps: int
-
-    def __call__(self, step, warmup_end_step=None):
-        """The learning rate of `step` (0-based) when the warm-up ends at `warmup_end_step`
-        (the first step at the full rate; by default `warmup_steps`)."""
-        boundaries = jnp.asarray(self.lr_boundaries_steps or [np.iinfo(np.int32).max],
-                                 jnp.int32)
-        lr = self.learning_rate * self.lr_decay_factor ** jnp.sum(step >= boundaries)
-        end = self.warmup_steps if warmup_end_step is None else warmup_end_step
-        return jnp.where(step < end, self.warmup_learning_rate, lr)
-
-    def end_warmup(self, step, warmup_end_step, recent_errors, error):
-        """(warmup_end_step, recent_errors) after `step`, whose global batch had `error` %."""
-        window = self.warmup_error_window_steps
-        recent_errors = recent_errors.at[step % window].set(error)
-        if not self.warmup_until_error:
-            return warmup_end_step, recent_errors
-        ends = ((step < warmup_end_step) & (step + 1 >= window)
-                & (jnp.mean(recent_errors) < self.warmup_until_error))
-        return jnp.where(ends, step + 1, warmup_end_step), recent_errors
+                        convolution=convolution, norm=config.norm, norm_groups=config.norm_groups,
+                        residual_init=config.residual_init, rngs=rngs or nnx.Rngs(config.seed))
 
 
 def create_lr_schedule(config) -> LrSchedule:
-    return LrSchedule(config.learning_rate, config.lr_decay_factor,
-                      tuple(config.lr_boundaries_steps), config.warmup_learning_rate,
-                      config.warmup_steps, config.warmup_until_error,
-                      config.warmup_error_window_steps)
+    """`config.schedule` after its warm-up (optim.py)."""
+    return optim.create_lr_schedule(config)
 
 
 def create_optimizer(config) -> optax.GradientTransformationExtraArgs:
-    """SGD with momentum; weight decay as an L2 gradient term on every parameter, as in the
-    paper's SGD. Each update takes the step's learning rate as an argument,
-    `tx.update(grads, opt_state, params, learning_rate=lr)`: where the warm-up ends is part of
-    the train state, not a function of the optimizer's step count."""
-    def scale_by_learning_rate(updates, state, params=None, *, learning_rate, **extra_args):
-        del params, extra_args
-        return jax.tree.map(lambda u: jnp.asarray(-learning_rate, u.dtype) * u, updates), state
-
-    return optax.chain(optax.add_decayed_weights(config.weight_decay),
-                       optax.trace(decay=config.momentum),
-                       optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(),
-                                                             scale_by_learning_rate))
+    """`config.optimizer` (optim.OPTIMIZERS; the default, the paper's SGD with momentum, weight
+    decay as an L2 gradient term on every parameter). Each update takes the step's learning
+    rate as an argument, `tx.update(grads, opt_state, params, learning_rate=lr)`: where the
+    warm-up ends is part of the train state, not a function of the optimizer's step count."""
+    return optim.create_optimizer(config)
 
 
 @flax.struct.dataclass
@@ -488,10 +453,15 @@ def restore_trained(workdir: str | pathlib.Path, step: int | None = None):
     return graphdef, restored, config, ds, step
 
 
+def _config_defaults(config) -> ml_collections.ConfigDict:
+    """The defaults of the config file of a run's `config` (a dict or ConfigDict)."""
+    return (imagenet if config.get("model") == "imagenet" else cifar).get_config()
+
+
 def _check_keys(path: pathlib.Path, config) -> None:
     """Refuses a run's config that lacks a key of its config file's defaults: one written
     before the key was added, whose value the run was trained with is not known here."""
-    defaults = (imagenet if config.get("model") == "imagenet" else cifar).get_config()
+    defaults = _config_defaults(config)
     missing = sorted(set(defaults.keys()) - set(config.keys()))
     if missing:
         raise ConfigError(
@@ -510,9 +480,7 @@ def _check_workdir(workdir: pathlib.Path, config) -> None:
         raise ConfigError(f"workdir {workdir} is not writable: pass a --workdir you can write to")
     saved = workdir / "config.json"
     if saved.exists():
-        old, new = read_run_json(saved), json.loads(config.to_json())
-        changed = sorted(k for k in old.keys() | new.keys()
-                         if k not in RESUMABLE_KEYS and old.get(k) != new.get(k))
+        changed = resume_changes(read_run_json(saved), json.loads(config.to_json()))
         if changed:
             raise ConfigError(
                 f"workdir {workdir} holds a run with a different config ({', '.join(changed)}): "

@@ -13,6 +13,13 @@ from __future__ import annotations
 # 0.1 is slightly too large to start converging. So we use 0.01 to warm up the training until
 # the training error is below 80% (about 400 iterations), and then go back to 0.1."
 WARMUP_FROM_DEPTH = 110  # and deeper (ResNet-1202)
+
+# Keys added after runs were first written, whose defaults compute what those runs computed: a
+# run's config.json without them reads as holding its config file's defaults
+# (train.read_run_json), so that those runs still resume and load. A key whose default would
+# change what an old run computes does not belong here: runs without it are refused.
+ADDED_KEYS = ("norm", "norm_groups", "residual_init", "optimizer", "adam_b2",
+              "lars_trust_coefficient", "schedule", "warmup_shape")
 PAPER_TOTAL_STEPS = 64_000
 
 
