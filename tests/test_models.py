@@ -167,6 +167,8 @@ def _in_scanned_layout(unrolled: nnx.State, scanned_model) -> dict:
     """An unrolled net's state (or gradients) as the scanned net holds it: each run's blocks
     stacked under `blocks/i/block`."""
     tree = nnx.to_pure_dict(unrolled)
+    if "blocks" not in tree:  # e.g. the batch statistics of a net without batch norm
+        return tree
     blocks, first = {}, 0
     for i, entry in enumerate(scanned_model.blocks):
         if isinstance(entry, BlockRun):
