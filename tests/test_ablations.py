@@ -343,3 +343,22 @@ def test_the_ablation_keys_are_config_file_arguments():
     c = cifar.get_config("depth=8,norm=none,residual_init=fixup")
     assert (c.norm, c.residual_init) == ("none", "fixup")
     train.check_config(c)
+
+
+def test_the_normfree_study_declares_batch_norm_against_none_under_each_init():
+    from experiments.sweeps import normfree
+
+    runs = normfree.get_sweep("preset=digits,seeds=3").runs
+    assert len(runs) == 5 * 6 * 3  # depths 20-110, 6 variants, 3 seeds
+    configs = [r.build() for r in runs]
+    for c in configs:
+        train.check_config(c)
+    variants = {(c.residual, c.norm, c.residual_init) for c in configs}
+    assert variants == {(False, "batch", "standard"), (False, "none", "standard"),
+                        (True, "batch", "standard"), (True, "none", "standard"),
+                        (True, "none", "fixup"), (True, "none", "skipinit")}
+    assert {c.depth for c in configs} == {20, 32, 44, 56, 110}
+    # Every variant on the same schedule, the paper's warm-up rule included at 110 layers.
+    deep = [c for c in configs if c.depth == 110]
+    assert {(c.learning_rate, c.warmup_until_error, c.total_steps) for c in deep} == {
+        (0.02, 80.0, 400)}

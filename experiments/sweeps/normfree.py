@@ -32,5 +32,4 @@ def get_sweep(arg=None) -> Sweep:
             for seed in range(seeds)]
     return Sweep(runs, report={
         "by": ["residual", "norm", "residual_init", "depth"], "x": "depth", "panels": "residual",
-        "title": f"Normalisation-free nets: batch norm vs none, standard/Fixup/SkipInit init, "
-                 f"{dataset} ({name} preset)"})
+        "title": f"Batch norm vs none; standard, Fixup, SkipInit; {dataset} ({name} preset)"})
