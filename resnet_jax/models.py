@@ -370,8 +370,9 @@ class ResNet(nnx.Module):
             x = self.stem_bn(x, train=train)
             if self.stem_kind == "cifar":
                 sow_response(self, x)
-            bias = 0 if self.fixup_bias is None else self.fixup_bias[0].astype(x.dtype)
-            x = nnx.relu(x if self.fixup_bias is None else x + bias)
+            if self.fixup_bias is not None:
+                x = x + self.fixup_bias[0].astype(x.dtype)
+            x = nnx.relu(x)
         if self.stem_kind == "imagenet":
             x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for block in self.blocks:

@@ -25,7 +25,7 @@ def net(depth=8, **kwargs):
     return models.cifar_resnet(depth, rngs=nnx.Rngs(0), **kwargs)
 
 
-# --- Normalisation ---------------------------------------------------------------------------
+# --- Normalisation --------------------------------------------------------------------------------
 
 
 def test_group_norm_is_flax_group_norm_in_float32():
@@ -57,7 +57,7 @@ def test_norm_changes_only_the_normalisation_parameters():
         np.testing.assert_array_equal(a.get_value(), b.get_value())
 
 
-# --- Residual-branch initialisation ------------------------------------------------------------
+# --- Residual-branch initialisation ---------------------------------------------------------------
 
 
 def _blocks_compute_their_shortcut(model, preact):
@@ -132,7 +132,8 @@ def test_parameter_counts_change_by_exactly_the_added_scalars():
     (dict(norm="none", residual_init="fixup", preact=True), ["block=post"]),
     (dict(norm="none", residual_init="zero_gamma"), ["norm=none has none"]),
     (dict(norm="layer"), ["unknown norm 'layer'", "batch, group, none"]),
-    (dict(residual_init="zero"), ["unknown residual_init", "standard, zero_gamma, fixup, skipinit"]),
+    (dict(residual_init="zero"),
+     ["unknown residual_init", "standard, zero_gamma, fixup, skipinit"]),
     (dict(norm="group", norm_groups=3), ["norm_groups=3", "16"]),
 ])
 def test_the_nets_refuse_what_they_lack_in_one_line(kwargs, words):
@@ -141,7 +142,7 @@ def test_the_nets_refuse_what_they_lack_in_one_line(kwargs, words):
     assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
 
 
-# --- Optimisers and schedules against optax ------------------------------------------------------
+# --- Optimisers and schedules against optax -------------------------------------------------------
 
 PARAMS = {"conv": {"kernel": jax.random.normal(jax.random.key(0), (3, 3, 2, 4))},
           "bn": {"scale": jnp.linspace(0.5, 1.5, 4), "bias": jnp.linspace(-0.2, 0.2, 4)},
@@ -234,7 +235,7 @@ def test_a_cosine_run_refuses_a_changed_total_steps_on_resume():
         assert train.resume_changes(old, {**old, "total_steps": 1}) == refused
 
 
-# --- Training: resumed across a boundary, old runs -------------------------------------------------
+# --- Training: resumed across a boundary, old runs ------------------------------------------------
 
 
 def _tiny(**overrides):
@@ -320,12 +321,14 @@ BAD = {
                               ["unknown residual_init 'zeros'", "fixup, skipinit"]),
     "unknown-optimizer": (["--config.optimizer=adam"],
                           ["unknown optimizer 'adam'", "sgd, nesterov, adamw, lars"]),
-    "unknown-schedule": (["--config.schedule=linear"], ["unknown schedule 'linear'", "step, cosine"]),
+    "unknown-schedule": (["--config.schedule=linear"],
+                         ["unknown schedule 'linear'", "step, cosine"]),
     "unknown-warmup-shape": (["--config.warmup_shape=cosine"],
                              ["unknown warmup_shape 'cosine'", "constant, linear"]),
     "groups-not-dividing": (["--config.norm=group", "--config.norm_groups=6"],
                             ["norm_groups=6", "16 channels", "e.g. 2"]),
-    "fixup-with-batch-norm": (["--config.residual_init=fixup"], ["residual_init=fixup", "norm=none"]),
+    "fixup-with-batch-norm": (["--config.residual_init=fixup"],
+                              ["residual_init=fixup", "norm=none"]),
     "skipinit-on-a-plain-net": (["--config.residual=false", "--config.residual_init=skipinit"],
                                 ["plain", "residual_init=skipinit"]),
 }
