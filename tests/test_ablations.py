@@ -365,3 +365,22 @@ def test_the_normfree_study_declares_batch_norm_against_none_under_each_init():
     deep = [c for c in configs if c.depth == 110]
     assert {(c.learning_rate, c.warmup_until_error, c.total_steps) for c in deep} == {
         (0.02, 80.0, 400)}
+
+
+@pytest.mark.parametrize("arg, overrides", [
+    ("depth=8,norm=none,residual_init=fixup", {}),
+    ("depth=8,norm=group,residual_init=skipinit", dict(optimizer="adamw", learning_rate=0.01)),
+])
+def test_nets_without_batch_norm_learn_and_train_alike_under_jit_and_pmap(arg, overrides):
+    """No batch statistics to average over devices: both backends train the same net."""
+    from tests.test_train import tiny_training
+
+    losses = {}
+    for parallelism in ("jit", "pmap"):
+        state, step, batch = tiny_training(arg, parallelism, log_diagnostics=False, **overrides)
+        losses[parallelism] = []
+        for _ in range(15):
+            state, metrics = step(state, batch)
+            losses[parallelism].append(float(np.mean(metrics["loss"])))
+    assert losses["jit"][-1] < 0.85 * losses["jit"][0]  # from ln 10 (fixup: zero logits)
+    np.testing.assert_allclose(losses["pmap"], losses["jit"], rtol=1e-4)
