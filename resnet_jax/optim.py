@@ -10,8 +10,10 @@ Weight decay follows each optimiser's usual recipe (docs/training.md):
 - sgd, nesterov: an L2 term on every parameter, batch-norm scales and biases included, as in the
   paper's SGD (and Torch's fb.resnet.torch, which it trained with);
 - adamw, lars: decoupled decay (and for LARS the trust ratio) on the conv and dense kernels
-  only, not on normalisation scales, biases or the scalars of fixup and skipinit (You et al.
-  2017; Goyal et al. 2017 likewise leave batch norm out of the decay).
+  only, not on normalisation scales, biases or the scalars of fixup and skipinit, as the usual
+  large-batch recipes do (Goyal et al. 2017 leave batch norm's scale and bias out of the decay;
+  LARS implementations since You et al. 2017 leave them and the biases out of decay and trust
+  ratio alike).
 
 Schedules (`SCHEDULES`): the learning rate after the warm-up, as a function of the step. 'step'
 is the paper's (`learning_rate` times `lr_decay_factor` per boundary passed), 'cosine' decays
