@@ -18,6 +18,13 @@ speed on accelerators). Whatever it is, parameters and batch-norm statistics are
 norm computes in float32, and the pooled features, the classifier and the logits are float32,
 so the loss, the gradients and the optimiser state are too (tests/test_bf16.py).
 
+Beyond the papers, for ablations around depth (docs/training.md): `norm` is the normalisation,
+'batch' (the paper's), 'group' (GroupNorm, Wu & He 2018, `norm_groups` groups) or 'none'; and
+`residual_init` how each residual branch starts: 'standard' (the paper's), 'zero_gamma' (the
+branch's last normalisation scale at 0, Goyal et al. 2017), 'fixup' (Zhang, Dauphin & Ma 2019,
+for norm='none') or 'skipinit' (a learnable scalar on the branch, at 0: De & Smith 2020). Each of
+the last three makes every residual branch output exactly 0 at initialisation.
+
 Two choices serve speed, not the paper, and live in their own modules: `scan_blocks=True` runs
 each stretch of identical blocks under one `jax.lax.scan` (scan.py: the same numbers, compile
 time flat in depth), and `convolution` is the convolution every conv layer calls, which the
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -46,6 +54,8 @@ he_normal = jax.jit(jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal
 SHORTCUTS = ("A", "B", "C")
 BLOCKS = {"post": False, "pre": True}  # config.block -> pre-activation (He et al. 2016)?
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # config.dtype: the compute dtype
+NORMS = ("batch", "group", "none")
+RESIDUAL_INITS = ("standard", "zero_gamma", "fixup", "skipinit")
 IMAGENET_STAGES = {  # depth -> (blocks per stage, bottleneck), Table 1
     18: ((2, 2, 2, 2), False),
     34: ((3, 4, 6, 3), False),
@@ -131,6 +141,47 @@ def _normalize(x, scale, bias, *, config: BatchNormConfig):
     return y.astype(x.dtype), mean, var
 
 
+class GroupNorm(nnx.Module):
+    """Group norm (Wu & He 2018): each example normalised over its positions and the channels of
+    each of `groups` groups, then a per-channel scale and bias; no batch statistics, so training
+    and evaluation compute the same. In float32 whatever the dtype, as BatchNorm."""
+
+    def __init__(self, features: int, groups: int, epsilon: float = 1e-5):
+        if groups < 1 or features % groups:
+            raise ValueError(f"norm_groups={groups} does not divide a layer's {features} "
+                             f"channels: use a divisor of {features}, e.g. "
+                             f"{math.gcd(max(groups, 1), features)}")
+        self.groups, self.epsilon = groups, epsilon
+        self.scale = nnx.Param(jnp.ones((features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((features,), jnp.float32))
+
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        del train
+        g = self.groups
+        xg = x.astype(jnp.float32).reshape(*x.shape[:-1], g, x.shape[-1] // g)
+        axes = (*range(1, xg.ndim - 2), xg.ndim - 1)  # positions and the group's channels
+        mean = jnp.mean(xg, axes, keepdims=True)
+        var = jnp.mean(jnp.square(xg - mean), axes, keepdims=True)
+        y = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+class NoNorm(nnx.Module):
+    """norm='none': where a normalisation layer would be, nothing."""
+
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        del train
+        return x
+
+
+def norm_layer(features: int, bn: BatchNormConfig, norm: str = "batch",
+               norm_groups: int = 32) -> nnx.Module:
+    """The normalisation layer `norm` names, over `features` channels."""
+    if norm == "group":
+        return GroupNorm(features, norm_groups)
+    return NoNorm() if norm == "none" else BatchNorm(features, bn)
+
+
 def conv(cin: int, cout: int, k: int, stride: int, dtype, rngs: nnx.Rngs, *,
          convolution: Callable = jax.lax.conv_general_dilated) -> nnx.Conv:
     # Symmetric padding k//2, as in the paper's Torch/Caffe code (XLA's 'SAME' pads unevenly).
@@ -149,13 +200,13 @@ class Shortcut(nnx.Module):
     """
 
     def __init__(self, cin, cout, stride, option, *, preact, bn, dtype, rngs,
-                 convolution=jax.lax.conv_general_dilated):
+                 convolution=jax.lax.conv_general_dilated, norm="batch", norm_groups=32):
         self.cin, self.cout, self.stride = cin, cout, stride
         self.changes_shape = stride != 1 or cin != cout
         self.project = option == "C" or (option == "B" and self.changes_shape)
         if self.project:
             self.conv = conv(cin, cout, 1, stride, dtype, rngs, convolution=convolution)
-            self.bn = None if preact else BatchNorm(cout, bn)
+            self.bn = None if preact else norm_layer(cout, bn, norm, norm_groups)
 
     def __call__(self, x, *, train):
         if self.project:
@@ -174,10 +225,18 @@ class Block(nnx.Module):
     Post-activation (He et al. 2015): conv-BN-ReLU ... conv-BN, add shortcut, ReLU.
     Pre-activation (He et al. 2016): BN-ReLU-conv ... BN-ReLU-conv, add shortcut.
     The stride sits on the 3x3 conv in bottlenecks (as in most reimplementations; same counts).
+
+    `residual_init` (module docstring): 'zero_gamma' zeroes the scale of the branch's last
+    normalisation; 'skipinit' multiplies the branch by `branch_gain`, a scalar starting at 0;
+    'fixup' (post-activation, norm='none') scales the branch's layers but the last by
+    branches^(-1/(2m-2)) (`branches`: the net's residual branches, m: the branch's layers), zeroes
+    the last, and adds `fixup_bias` (a scalar before each conv, after each conv but the last and
+    after the multiplier `fixup_scale`), as in Zhang et al.'s Fixup block.
     """
 
     def __init__(self, cin, cout, stride, *, bottleneck, residual, shortcut, preact, bn, dtype,
-                 rngs, convolution=jax.lax.conv_general_dilated):
+                 rngs, convolution=jax.lax.conv_general_dilated, norm="batch", norm_groups=32,
+                 residual_init="standard", branches=1):
         self.preact = preact
         if bottleneck:
             mid = cout // 4
@@ -189,12 +248,26 @@ class Block(nnx.Module):
                                for i, o, k, s in specs])
         # Post-activation normalises each conv's output; pre-activation each conv's input.
         bn_features = [i for i, *_ in specs] if preact else [o for _, o, *_ in specs]
-        self.bns = nnx.List([BatchNorm(f, bn) for f in bn_features])
+        self.bns = nnx.List([norm_layer(f, bn, norm, norm_groups) for f in bn_features])
         self.shortcut = (
             Shortcut(cin, cout, stride, shortcut, preact=preact, bn=bn, dtype=dtype, rngs=rngs,
-                     convolution=convolution)
+                     convolution=convolution, norm=norm, norm_groups=norm_groups)
             if residual else None
         )
+        gain = bias = scale = None  # parameters only where the init adds them
+        if residual_init == "zero_gamma":  # Goyal et al. 2017, Sec. 5.1
+            self.bns[-1].scale.set_value(jnp.zeros_like(self.bns[-1].scale[...]))
+        elif residual_init == "skipinit":  # De & Smith 2020
+            gain = nnx.Param(jnp.zeros((), jnp.float32))
+        elif residual_init == "fixup":  # Zhang et al. 2019, Sec. 3 (rules 1-3)
+            m = len(self.convs)
+            factor = branches ** (-1.0 / (2 * m - 2))
+            for c in self.convs[:-1]:
+                c.kernel.set_value(c.kernel[...] * factor)
+            self.convs[-1].kernel.set_value(jnp.zeros_like(self.convs[-1].kernel[...]))
+            bias = nnx.Param(jnp.zeros((2 * m,), jnp.float32))
+            scale = nnx.Param(jnp.ones((), jnp.float32))
+        self.branch_gain, self.fixup_bias, self.fixup_scale = gain, bias, scale
 
     def __call__(self, x, *, train):
         if self.preact:
@@ -205,6 +278,8 @@ class Block(nnx.Module):
                 y = c(y)
             if self.shortcut is None:
                 return y
+            if self.branch_gain is not None:
+                y = y * self.branch_gain[...].astype(y.dtype)
             # Where the shortcut projects or the shape changes (a stage's first block), BN-ReLU
             # comes before the split and the shortcut too takes the pre-activated input; a pure
             # identity takes the raw input (He et al. 2016 and its code, resnet-1k-layers).
@@ -214,14 +289,22 @@ class Block(nnx.Module):
             return y + shortcut
         y = x
         last = len(self.convs) - 1
+        bias = None if self.fixup_bias is None else self.fixup_bias[...].astype(x.dtype)
         for i, (c, bn) in enumerate(zip(self.convs, self.bns)):
-            y = bn(c(y), train=train)
+            y = bn(c(y if bias is None else y + bias[2 * i]), train=train)
             if self.kernel_sizes[i] == 3:
                 sow_response(self, y)
             if i < last:
-                y = nnx.relu(y)
+                y = nnx.relu(y if bias is None else y + bias[2 * i + 1])
+        if bias is not None:
+            y = y * self.fixup_scale[...].astype(y.dtype) + bias[-1]
+        if self.branch_gain is not None:
+            y = y * self.branch_gain[...].astype(y.dtype)
         if self.shortcut is not None:
-            shortcut = self.shortcut(x, train=train)
+            # Fixup's shortcut takes the biased input where it is not an identity (its code).
+            moves = self.shortcut.project or self.shortcut.changes_shape
+            shortcut = self.shortcut(x + bias[0] if bias is not None and moves else x,
+                                     train=train)
             sow_branch_ratio(self, y, shortcut)
             y = y + shortcut
         return nnx.relu(y)
@@ -231,21 +314,27 @@ class ResNet(nnx.Module):
     """Stem, stages of blocks, global average pooling, a dense layer to the classes.
 
     `scan_blocks`: each stretch of identical blocks as one `scan.BlockRun`. `convolution`: what
-    every conv layer calls, `jax.lax.conv_general_dilated` or a drop-in (xla_cpu.py).
+    every conv layer calls, `jax.lax.conv_general_dilated` or a drop-in (xla_cpu.py). `norm`,
+    `norm_groups`, `residual_init`: the module docstring; with 'fixup' the net adds a scalar
+    bias after the stem and one before the classifier, which starts at 0 (`fixup_bias`).
     """
 
     def __init__(self, *, stem: str, stage_sizes, stage_widths, bottleneck: bool,
                  num_classes: int, in_channels: int = 3, residual: bool = True,
                  shortcut: str = "A", preact: bool = False, dtype=jnp.float32,
                  bn: BatchNormConfig = BatchNormConfig(), scan_blocks: bool = False,
-                 convolution: Callable = jax.lax.conv_general_dilated, rngs: nnx.Rngs):
+                 convolution: Callable = jax.lax.conv_general_dilated, norm: str = "batch",
+                 norm_groups: int = 32, residual_init: str = "standard", rngs: nnx.Rngs):
         _check_shortcut(shortcut)
+        check_ablation(norm=norm, norm_groups=norm_groups, residual_init=residual_init,
+                       residual=residual, preact=preact)
+        make_norm = functools.partial(norm_layer, bn=bn, norm=norm, norm_groups=norm_groups)
         self.stem_kind, self.preact, self.dtype = stem, preact, dtype
         stem_width = stage_widths[0]
         k, s = (3, 1) if stem == "cifar" else (7, 2)
         self.stem = conv(in_channels, stem_width, k, s, dtype, rngs, convolution=convolution)
         # Post-activation nets normalise the stem; pre-activation nets normalise before the head.
-        self.stem_bn = None if preact else BatchNorm(stem_width, bn)
+        self.stem_bn = None if preact else make_norm(stem_width)
         entries, stages, cin = [], [], stem_width
         for i, (n, width) in enumerate(zip(stage_sizes, stage_widths)):
             cout = width * 4 if bottleneck else width
@@ -254,7 +343,9 @@ class ResNet(nnx.Module):
                 stride = 2 if i > 0 and j == 0 else 1
                 blocks.append(Block(cin, cout, stride, bottleneck=bottleneck, residual=residual,
                                     shortcut=shortcut, preact=preact, bn=bn, dtype=dtype,
-                                    rngs=rngs, convolution=convolution))
+                                    rngs=rngs, convolution=convolution, norm=norm,
+                                    norm_groups=norm_groups, residual_init=residual_init,
+                                    branches=sum(stage_sizes)))
                 cin = cout
             blocks = group_runs(blocks) if scan_blocks else blocks
             entries += blocks
@@ -262,8 +353,14 @@ class ResNet(nnx.Module):
         # One entry per block, or with scan_blocks per block or run of identical blocks (BlockRun).
         self.blocks = nnx.List(entries)
         self.stage_of_block = tuple(stages)  # the stage of each entry of `blocks`
-        self.head_bn = BatchNorm(cin, bn) if preact else None
+        self.head_bn = make_norm(cin) if preact else None
         self.head = nnx.Linear(cin, num_classes, dtype=jnp.float32, rngs=rngs)
+        bias = None
+        if residual_init == "fixup":  # the classifier starts at 0 (Zhang et al. 2019, rule 1)
+            for p in (self.head.kernel, self.head.bias):
+                p.set_value(jnp.zeros_like(p[...]))
+            bias = nnx.Param(jnp.zeros((2,), jnp.float32))
+        self.fixup_bias = bias
 
     def __call__(self, x, *, train: bool):
         if not jnp.issubdtype(x.dtype, jnp.floating):  # raw pixels would run, and mean nothing
@@ -275,6 +372,8 @@ class ResNet(nnx.Module):
             x = self.stem_bn(x, train=train)
             if self.stem_kind == "cifar":
                 sow_response(self, x)
+            if self.fixup_bias is not None:
+                x = x + self.fixup_bias[0].astype(x.dtype)
             x = nnx.relu(x)
         if self.stem_kind == "imagenet":
             x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -285,7 +384,8 @@ class ResNet(nnx.Module):
         # Pooling and the classifier in float32: in bfloat16 the logits would carry 3
         # significant digits into the loss, and the classifier's bias gradient would be summed
         # over the batch in bfloat16.
-        return self.head(jnp.mean(x.astype(jnp.float32), axis=(1, 2)))
+        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        return self.head(pooled if self.fixup_bias is None else pooled + self.fixup_bias[1])
 
 
 def cifar_resnet(depth: int, *, width: int = 1, base_width: int = 16, bottleneck: bool = False,
@@ -338,6 +438,38 @@ def _check_shortcut(shortcut: str) -> None:
         raise ValueError(f"unknown shortcut {shortcut!r}: use one of {', '.join(SHORTCUTS)}")
 
 
+def check_ablation(*, norm: str = "batch", norm_groups: int = 32,
+                   residual_init: str = "standard", residual: bool = True, preact: bool = False,
+                   narrowest: int | None = None) -> None:
+    """Raises ValueError (one line: the key, its choices or the fix) for a normalisation or
+    residual-branch initialisation the nets lack or that contradicts the rest of the net.
+    `narrowest`: the fewest channels of any layer (`Family.narrowest`), which the group count
+    must divide (every other layer's count is a multiple of it)."""
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}: use one of {', '.join(NORMS)}")
+    if residual_init not in RESIDUAL_INITS:
+        raise ValueError(f"unknown residual_init {residual_init!r}: use one of "
+                         f"{', '.join(RESIDUAL_INITS)}")
+    if norm == "group" and (norm_groups < 1 or (narrowest and narrowest % norm_groups)):
+        fix = f"a divisor of {narrowest}, e.g. {math.gcd(max(norm_groups, 1), narrowest)}" \
+            if narrowest else "a positive count"
+        raise ValueError(f"norm_groups={norm_groups} does not divide the {narrowest} channels "
+                         f"of the net's narrowest layers: use {fix}")
+    if residual_init != "standard" and not residual:
+        raise ValueError(f"residual_init={residual_init} acts on residual branches, and a plain "
+                         "net (residual=false) has none: use residual_init=standard")
+    if residual_init == "zero_gamma" and norm == "none":
+        raise ValueError("residual_init=zero_gamma zeroes the last normalisation scale of each "
+                         "branch, and norm=none has none: use norm=batch or group, or "
+                         "residual_init=skipinit or fixup")
+    if residual_init == "fixup" and norm != "none":
+        raise ValueError(f"residual_init=fixup replaces normalisation (Zhang et al. 2019), "
+                         f"but norm={norm}: use norm=none, or residual_init=zero_gamma")
+    if residual_init == "fixup" and preact:
+        raise ValueError("residual_init=fixup is defined for post-activation blocks (Zhang et "
+                         "al. 2019): use block=post")
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     """A model family, as a config names it (`config.model`): its constructor `build(depth,
@@ -349,24 +481,32 @@ class Family:
     options: tuple[str, ...]
     image_size: int
     num_classes: int
+    # narrowest(width=..., **options): the fewest channels of any layer, a divisor of every
+    # other layer's (what a GroupNorm group count must divide).
+    narrowest: Callable[..., int]
 
 
 # A new family: its constructor and check above, one entry here, and a config file in configs/.
 FAMILIES = {
-    "cifar": Family(cifar_resnet, check_cifar, ("base_width", "bottleneck"), 32, 10),
-    "imagenet": Family(imagenet_resnet, check_imagenet, (), 224, 1000),
+    "cifar": Family(cifar_resnet, check_cifar, ("base_width", "bottleneck"), 32, 10,
+                    lambda width=1, base_width=16, bottleneck=False: base_width * width),
+    "imagenet": Family(imagenet_resnet, check_imagenet, (), 224, 1000,
+                       lambda width=1: 64 * width),
 }
 
 
 def check_architecture(family: str, depth: int, *, width: int = 1, shortcut: str = "A",
-                       **options) -> None:
+                       ablation: dict | None = None, **options) -> None:
     """Raises ValueError (one line: problem and fix) for a family, depth, width, shortcut or
-    family option the nets lack: what the constructors check, before building anything."""
+    family option the nets lack, or an `ablation` (`check_ablation`'s arguments but
+    `narrowest`) they refuse: what the constructors check, before building anything."""
     if family not in FAMILIES:
         raise ValueError(f"unknown model {family!r}: use {' or '.join(FAMILIES)} (pick its "
                          "config file in resnet_jax/configs/, e.g. cifar.py)")
     _check_shortcut(shortcut)
     FAMILIES[family].check(depth, width=width, **options)
+    check_ablation(**(ablation or {}),
+                   narrowest=FAMILIES[family].narrowest(width=width, **options))
 
 
 # --- Measuring the nets: layer responses (Fig. 7) and branch ratios, sown in the forward pass.

@@ -26,6 +26,7 @@ import json
 import os
 import pathlib
 
+from resnet_jax import configs
 from resnet_jax.errors import ConfigError
 from resnet_jax.files import write_atomically
 
@@ -79,6 +80,8 @@ def read_run_json(path: pathlib.Path) -> dict:
     missing = [key for key in _SUMMARY_KEYS if key not in obj]
     if path.name == SUMMARY_JSON and missing:
         raise ConfigError(f"{path} has no {', '.join(map(repr, missing))}: {fix}")
+    if path.name == CONFIG_JSON:  # written before keys whose defaults compute what it ran
+        obj = {**configs.added_keys(obj.get("model", "")), **obj}
     return obj
 
 
@@ -93,9 +96,16 @@ def config_json(config) -> dict:
     return json.loads(config.to_json())
 
 
-def changed_keys(old: dict, new: dict, may_change=RESUMABLE_KEYS) -> list[str]:
+def resumable_keys(config: dict) -> set[str]:
+    """The keys a resume of `config` may change: RESUMABLE_KEYS, but for total_steps where the
+    schedule ends there ('cosine', optim.py)."""
+    return RESUMABLE_KEYS - ({"total_steps"} if config.get("schedule") == "cosine" else set())
+
+
+def changed_keys(old: dict, new: dict, may_change=None) -> list[str]:
     """The keys, sorted, whose values differ between two configs as config.json holds them,
-    leaving out those that `may_change` (by default: on a resume)."""
+    leaving out those that `may_change` (by default: on a resume to `new`, `resumable_keys`)."""
+    may_change = resumable_keys(new) if may_change is None else may_change
     return sorted(k for k in old.keys() | new.keys()
                   if k not in may_change and old.get(k) != new.get(k))
 

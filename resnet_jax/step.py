@@ -8,20 +8,19 @@ The train step is a pure function `(state, batch) -> (state, metrics)` on one gl
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.extend import core as jax_core
 
-from resnet_jax import data, models, parallel, xla_cpu
+from resnet_jax import data, models, optim, parallel, xla_cpu
 from resnet_jax.errors import ConfigError
 from resnet_jax.metrics import Phase
+from resnet_jax.optim import LrSchedule
 
 
 def create_backend(config, *, seeds: tuple[int, ...] = ()) -> parallel.Backend:
@@ -48,72 +47,21 @@ def create_model(config, *, num_classes: int, in_channels: int,
                         in_channels=in_channels, residual=config.residual,
                         shortcut=config.shortcut, preact=models.BLOCKS[config.block],
                         dtype=models.DTYPES[config.dtype], bn=bn, scan_blocks=scan_blocks,
-                        convolution=convolution, rngs=rngs or nnx.Rngs(config.seed))
-
-
-@dataclasses.dataclass(frozen=True)
-class LrSchedule:
-    """Step-wise (Sec. 4.2): `learning_rate` times `lr_decay_factor` per boundary passed, after
-    a warm-up at `warmup_learning_rate`.
-
-    The warm-up lasts `warmup_steps` steps. With `warmup_until_error` > 0 it follows the paper's
-    rule for ResNet-110 (lr 0.01 "until the training error is below 80 %", about 400 iterations,
-    then 0.1) and `warmup_steps` is its cap: it ends after the first step at which the training
-    error is below `warmup_until_error`. The training error here is the mean error (%) of the
-    last `warmup_error_window_steps` global batches, each measured in its own train step before
-    the update (the paper does not say; one batch's error is noisy), judged only once that many
-    steps have run. The train state holds where the warm-up ends and the errors it is judged on
-    (`TrainState`), so every process and every resume switches at the same step.
-    """
-
-    learning_rate: float
-    lr_decay_factor: float
-    lr_boundaries_steps: tuple[int, ...]
-    warmup_learning_rate: float
-    warmup_steps: int
-    warmup_until_error: float
-    warmup_error_window_steps: int
-
-    def __call__(self, step, warmup_end_step=None):
-        """The learning rate of `step` (0-based) when the warm-up ends at `warmup_end_step`
-        (the first step at the full rate; by default `warmup_steps`)."""
-        boundaries = jnp.asarray(self.lr_boundaries_steps or [np.iinfo(np.int32).max],
-                                 jnp.int32)
-        lr = self.learning_rate * self.lr_decay_factor ** jnp.sum(step >= boundaries)
-        end = self.warmup_steps if warmup_end_step is None else warmup_end_step
-        return jnp.where(step < end, self.warmup_learning_rate, lr)
-
-    def end_warmup(self, step, warmup_end_step, recent_errors, error):
-        """(warmup_end_step, recent_errors) after `step`, whose global batch had `error` %."""
-        window = self.warmup_error_window_steps
-        recent_errors = recent_errors.at[step % window].set(error)
-        if not self.warmup_until_error:
-            return warmup_end_step, recent_errors
-        ends = ((step < warmup_end_step) & (step + 1 >= window)
-                & (jnp.mean(recent_errors) < self.warmup_until_error))
-        return jnp.where(ends, step + 1, warmup_end_step), recent_errors
+                        convolution=convolution, norm=config.norm, norm_groups=config.norm_groups,
+                        residual_init=config.residual_init, rngs=rngs or nnx.Rngs(config.seed))
 
 
 def create_lr_schedule(config) -> LrSchedule:
-    return LrSchedule(config.learning_rate, config.lr_decay_factor,
-                      tuple(config.lr_boundaries_steps), config.warmup_learning_rate,
-                      config.warmup_steps, config.warmup_until_error,
-                      config.warmup_error_window_steps)
+    """`config.schedule` after its warm-up (optim.py)."""
+    return optim.create_lr_schedule(config)
 
 
 def create_optimizer(config) -> optax.GradientTransformationExtraArgs:
-    """SGD with momentum; weight decay as an L2 gradient term on every parameter, as in the
-    paper's SGD. Each update takes the step's learning rate as an argument,
-    `tx.update(grads, opt_state, params, learning_rate=lr)`: where the warm-up ends is part of
-    the train state, not a function of the optimizer's step count."""
-    def scale_by_learning_rate(updates, state, params=None, *, learning_rate, **extra_args):
-        del params, extra_args
-        return jax.tree.map(lambda u: jnp.asarray(-learning_rate, u.dtype) * u, updates), state
-
-    return optax.chain(optax.add_decayed_weights(config.weight_decay),
-                       optax.trace(decay=config.momentum),
-                       optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(),
-                                                             scale_by_learning_rate))
+    """`config.optimizer` (optim.OPTIMIZERS; the default, the paper's SGD with momentum, weight
+    decay as an L2 gradient term on every parameter). Each update takes the step's learning
+    rate as an argument, `tx.update(grads, opt_state, params, learning_rate=lr)`: where the
+    warm-up ends is part of the train state, not a function of the optimizer's step count."""
+    return optim.create_optimizer(config)
 
 
 @flax.struct.dataclass

@@ -68,8 +68,8 @@ def layers(model: nnx.Module) -> list[dict]:
             rows += [{**r, "path": f"{'/'.join(map(str, path))}[{k}]/{r['path']}",
                       "shape": r["shape"][1:], "params": r["params"] // node.length}
                      for k in range(node.length) for r in block]
-        elif isinstance(node, (nnx.Conv, nnx.Linear, models.BatchNorm)) and not any(
-                path[:len(run)] == run for run in runs):
+        elif isinstance(node, (nnx.Conv, nnx.Linear, models.BatchNorm, models.GroupNorm)) \
+                and not any(path[:len(run)] == run for run in runs):
             params = jax.tree.leaves(nnx.state(node, nnx.Param))
             shape = tuple(node.kernel.shape) if hasattr(node, "kernel") else params[0].shape
             rows.append({"path": "/".join(map(str, path)), "kind": type(node).__name__,

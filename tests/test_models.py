@@ -167,6 +167,8 @@ def _in_scanned_layout(unrolled: nnx.State, scanned_model) -> dict:
     """An unrolled net's state (or gradients) as the scanned net holds it: each run's blocks
     stacked under `blocks/i/block`."""
     tree = nnx.to_pure_dict(unrolled)
+    if "blocks" not in tree:  # e.g. the batch statistics of a net without batch norm
+        return tree
     blocks, first = {}, 0
     for i, entry in enumerate(scanned_model.blocks):
         if isinstance(entry, BlockRun):
@@ -182,6 +184,8 @@ def _in_scanned_layout(unrolled: nnx.State, scanned_model) -> dict:
     (14, dict()),  # post-activation, option A; the first stage one run of 2 blocks
     (14, dict(preact=True, residual=False, bn=models.BatchNormConfig(group_size=2))),
     (29, dict(bottleneck=True, preact=True, shortcut="B")),  # 3 per stage, 2 of them a run
+    (14, dict(norm="none", residual_init="fixup")),  # scalars stacked per run (issue 29)
+    (14, dict(preact=True, norm="group", norm_groups=4, residual_init="skipinit")),
 ])
 def test_scanned_blocks_compute_what_the_unrolled_loop_computes(depth, kwargs):
     x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))

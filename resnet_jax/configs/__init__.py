@@ -13,6 +13,20 @@ from __future__ import annotations
 # 0.1 is slightly too large to start converging. So we use 0.01 to warm up the training until
 # the training error is below 80% (about 400 iterations), and then go back to 0.1."
 WARMUP_FROM_DEPTH = 110  # and deeper (ResNet-1202)
+
+# Keys added after runs were first written, with the values every run before them computed with
+# (their defaults): a run's config.json without one reads as holding it (rundir.read_run_json),
+# so that those runs still resume and load. The config files take these defaults from here. A key
+# whose default would change what an old run computes does not belong here: runs without it are
+# refused.
+def added_keys(model: str = "cifar") -> dict:
+    """The added keys of `model`'s config file ('cifar' or 'imagenet') with their defaults."""
+    return dict(norm="batch", norm_groups=32 if model == "imagenet" else 8,
+                residual_init="standard", optimizer="sgd", adam_b2=0.999,
+                lars_trust_coefficient=0.001, schedule="step", warmup_shape="constant")
+
+
+ADDED_KEYS = tuple(added_keys())
 PAPER_TOTAL_STEPS = 64_000
 
 

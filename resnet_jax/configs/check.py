@@ -8,7 +8,7 @@ import pathlib
 
 import ml_collections
 
-from resnet_jax import models, parallel, pipeline
+from resnet_jax import models, optim, parallel, pipeline
 from resnet_jax.configs import cifar, imagenet
 from resnet_jax.errors import ConfigError
 
@@ -36,9 +36,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     family = models.FAMILIES.get(config.model)
     try:  # the net (family, depth, widths, shortcut) and the parallelism: checked by their owners
         models.check_architecture(config.model, config.depth, width=config.width,
-                                  shortcut=config.shortcut,
+                                  shortcut=config.shortcut, ablation=dict(
+                                      norm=config.norm, norm_groups=config.norm_groups,
+                                      residual_init=config.residual_init,
+                                      residual=config.residual,
+                                      preact=models.BLOCKS.get(config.block, False)),
                                   **{k: config[k] for k in family.options} if family else {})
         parallel.check_parallelism(config.parallelism)
+        optim.check_config(config)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     need(config.block in models.BLOCKS,

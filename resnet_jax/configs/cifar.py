@@ -4,7 +4,8 @@
 
 Arguments after the colon: depth (6n+2), residual (true/false), shortcut (A/B/C), block
 (post/pre), bottleneck (true: depth 9n+2, He et al. 2016), width (multiplier of 16/32/64 filters), base_width (16), dataset (cifar10, cifar100, digits, synthetic,
-folder:<path>), seed. Every number below is a config key: override with --config.KEY=VALUE.
+folder:<path>), norm (batch/group/none), residual_init (standard/zero_gamma/fixup/skipinit), seed.
+Every number below is a config key: override with --config.KEY=VALUE.
 
 Recipe (Sec. 4.2): SGD, momentum 0.9, lr 0.1 divided by 10 at 32k and 48k iterations, 64k in
 total, weight decay 1e-4, global batch 128, 4-pixel pad + random crop + horizontal flip, per-pixel
@@ -18,12 +19,15 @@ ResNet-20/32/44/56 8.75/7.51/7.17/6.97 % (one run each), ResNet-110 6.43 % (best
 
 import ml_collections
 
-from resnet_jax.configs import parse_arg, warmup
+from resnet_jax.configs import added_keys, parse_arg, warmup
+
+ADDED = added_keys("cifar")  # the defaults of keys added after the first runs
 
 
 # The arguments after the colon, with their defaults (a sweep's grid puts these keys there).
 ARGS = dict(depth=20, residual=True, shortcut="A", block="post", bottleneck=False, width=1,
-            base_width=16, dataset="cifar10", seed=0)
+            base_width=16, dataset="cifar10", norm=ADDED["norm"],
+            residual_init=ADDED["residual_init"], seed=0)
 
 
 def get_config(arg=None):
@@ -43,6 +47,14 @@ def get_config(arg=None):
     # 0: batch-norm statistics over the whole global batch. The paper ran 2 GPUs x 64 images,
     # i.e. bn_group_size=64; the value never changes with the device count.
     c.bn_group_size = 0
+    # Ablations beyond the paper (models.py, docs/training.md): the normalisation, 'batch' (the
+    # paper's), 'group' (Wu & He 2018) or 'none'; GroupNorm's group count, 8 as the narrowest
+    # layers have 16 channels here and 8 in the CPU presets (Wu & He's 32 divides neither); how
+    # each residual branch starts, 'standard' (the paper's), 'zero_gamma', 'fixup' (with
+    # norm='none') or 'skipinit'.
+    c.norm = a["norm"]
+    c.norm_groups = ADDED["norm_groups"]
+    c.residual_init = a["residual_init"]
     # Identical blocks as one BlockRun under lax.scan: the same numbers, compile time flat in
     # depth (4 s for ResNet-20, 110 or 1202 on 2 CPU cores; unrolled ResNet-110: 14 s), but the
     # CPU step about 5 % slower (benchmarks/RESULTS.md), so off by default. It changes the
@@ -81,8 +93,19 @@ def get_config(arg=None):
     # depths warm up, and for how long: `configs.warmup`.
     c.update(warmup(c.depth))
     c.warmup_learning_rate = 0.01
-    c.momentum = 0.9
+    c.momentum = 0.9  # SGD's and LARS's momentum, Adam's b1
     c.weight_decay = 1e-4
+    # Beyond the paper (optim.py, docs/training.md): the optimiser, 'sgd' (the paper's: momentum,
+    # L2 decay on every parameter), 'nesterov', 'adamw' or 'lars', with Adam's b2 and LARS's
+    # trust coefficient (You et al. 2017); the schedule after the warm-up, 'step' (the paper's
+    # boundaries above) or 'cosine' (to 0 at total_steps); the warm-up's shape, 'constant' at
+    # warmup_learning_rate (the paper's) or 'linear' from it to learning_rate over warmup_steps
+    # (Goyal et al. 2017).
+    c.optimizer = ADDED["optimizer"]
+    c.adam_b2 = ADDED["adam_b2"]
+    c.lars_trust_coefficient = ADDED["lars_trust_coefficient"]
+    c.schedule = ADDED["schedule"]
+    c.warmup_shape = ADDED["warmup_shape"]
 
     # Execution and outputs.
     c.parallelism = "jit"  # 'jit' over a device mesh, or 'pmap'

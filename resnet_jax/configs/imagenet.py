@@ -10,18 +10,21 @@ and the deeper nets of Table 3 with projections where the shape changes (option 
 from 50 layers): depth=50, 101 or 152.
 
 Arguments after the colon: depth (18, 34, 50, 101, 152), residual, shortcut (A/B/C), block,
-dataset, seed. Recipe (Sec. 3.4): SGD, momentum 0.9, lr 0.1 divided by 10 on plateaus (here: at
+dataset, norm, residual_init, seed. Recipe (Sec. 3.4): SGD, momentum 0.9, lr 0.1 divided by 10 on plateaus (here: at
 30, 60 and 80 epochs of 1.28M images), weight decay 1e-4, global batch 256, random-resized
 224x224 crops and flips; single centre crops for evaluation on the validation set (reported as
 test/error). Not here: the paper's colour augmentation and 10-crop testing.
 Data: TFDS imagenet2012 prepared as array_record, streamed by pipeline.py (see there).
 """
 
-from resnet_jax.configs import cifar, parse_arg
+from resnet_jax.configs import added_keys, cifar, parse_arg
+
+ADDED = added_keys("imagenet")  # the defaults of keys added after the first runs
 
 
 # The arguments after the colon, with their defaults (a sweep's grid puts these keys there).
-ARGS = dict(depth=50, residual=True, shortcut="", block="post", dataset="imagenet2012", seed=0)
+ARGS = dict(depth=50, residual=True, shortcut="", block="post", dataset="imagenet2012",
+            norm=ADDED["norm"], residual_init=ADDED["residual_init"], seed=0)
 
 
 def get_config(arg=None):
@@ -32,6 +35,8 @@ def get_config(arg=None):
     del c["base_width"], c["bottleneck"]  # Table 1 fixes both from the depth
     c.depth, c.residual, c.shortcut, c.block = a["depth"], a["residual"], a["shortcut"], a["block"]
     c.dataset, c.seed, c.warmup_steps = a["dataset"], a["seed"], 0
+    c.norm, c.residual_init = a["norm"], a["residual_init"]
+    c.norm_groups = ADDED["norm_groups"]  # 32: Wu & He 2018's choice for ImageNet ResNets
     c.image_size = 224  # side of the training crops and evaluation centre crops
     c.input_threads = 16
     c.batch_size = 256
