@@ -37,7 +37,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 RESUMABLE_KEYS = {"total_steps", "log_every_steps", "log_diagnostics", "eval_every_steps",
                   "eval_subset", "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size",
                   "parallelism", "num_devices", "tfds_data_dir", "not_converged_fraction_of_chance",
-                  "input_threads", "input_workers", "profile_steps", "steps_per_call"}
+                  "input_threads", "input_workers", "profile_steps", "steps_per_call",
+                  "cpu_convolution"}
 
 
 class ConfigError(ValueError):
@@ -56,6 +57,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                                   shortcut=config.shortcut,
                                   **{k: config[k] for k in family.options} if family else {})
         parallel.check_parallelism(config.parallelism)
+        xla_cpu.check_convolution(config.get("cpu_convolution", "eigen"), jax.default_backend())
     except ValueError as e:
         raise ConfigError(str(e)) from None
     need(config.block in BLOCKS, f"unknown block {config.block!r}: use post or pre")
@@ -152,7 +154,8 @@ def create_model(config, *, num_classes: int, in_channels: int,
     its layers call: on XLA CPU one whose gradients XLA CPU runs fast (xla_cpu.py)."""
     bn = bn or models.BatchNormConfig(momentum=config.bn_momentum)
     scan_blocks = config.get("scan_blocks", False)
-    convolution = xla_cpu.convolution(platform or jax.default_backend(), scan_blocks)
+    convolution = xla_cpu.convolution(platform or jax.default_backend(), scan_blocks,
+                                      config.get("cpu_convolution", "eigen"))
     family = models.FAMILIES[config.model]
     return family.build(config.depth, width=config.width,
                         **{k: config[k] for k in family.options}, num_classes=num_classes,
