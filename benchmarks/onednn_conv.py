@@ -7,11 +7,13 @@ in PyTorch (channels_last, eager):
 3x3 convolutions, stride 1, 16/32/64 channels on 32/16/8 maps (He et al. 2015, Sec. 4.2). Each
 pass of each implementation is timed `iters` calls at a time, all of them in turns, for `rounds`
 rounds; the best round counts, so that a burst of other work on shared cores hits all alike.
-Prints milliseconds per call, the ratios and the load average before and after.
+Prints milliseconds per call, the ratios and the load average before and after. oneDNN runs
+one OpenMP thread per call unless OMP_NUM_THREADS is set (resnet_jax/onednn.py).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 
@@ -73,8 +75,9 @@ def main(argv=None) -> int:
         return 2
     torch = None if args.no_torch else import_torch("onednn_conv")
     load = os.getloadavg()
-    impls = {"eigen": lambda s, c: _jax_passes(xla_cpu.conv_general_dilated, args.batch, s, c),
-             "onednn": lambda s, c: _jax_passes(xla_cpu.onednn_conv_general_dilated, args.batch, s, c)}
+    impls = {"eigen": functools.partial(_jax_passes, xla_cpu.conv_general_dilated, args.batch),
+             "onednn": functools.partial(_jax_passes, xla_cpu.onednn_conv_general_dilated,
+                                         args.batch)}
     if torch is not None:
         impls["torch"] = lambda s, c: _torch_passes(torch, args.batch, s, c)
     thunks = {(impl, shape, p): fn for impl, make in impls.items() for shape in SHAPES

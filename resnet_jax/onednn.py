@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from resnet_jax import data
+
 _SOURCE = Path(__file__).with_name("onednn_conv.cc")
 _TARGETS = {"resnet_jax_onednn_conv_fwd": "OnednnConvForward",
             "resnet_jax_onednn_conv_bwd_data": "OnednnConvBackwardData",
@@ -39,16 +41,12 @@ _lock = threading.Lock()
 _state: dict = {}  # 'error': why not (str), or 'library': the loaded CDLL
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("RESNET_JAX_CACHE") or Path.home() / ".cache" / "resnet_jax")
-
-
 def _build() -> Path:
     """The compiled library, built now unless a build of this source is cached."""
     import jaxlib
     source = _SOURCE.read_bytes()
     tag = hashlib.sha256(source + jaxlib.__version__.encode()).hexdigest()[:16]
-    library = _cache_dir() / f"onednn_conv-{tag}.so"
+    library = data.cache_dir() / f"onednn_conv-{tag}.so"
     if library.exists():
         return library
     compiler = shutil.which(os.environ.get("CXX", "g++"))
@@ -57,9 +55,9 @@ def _build() -> Path:
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
         out = Path(tmp) / library.name
-        cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-Wno-attributes",
-               "-Wno-return-type", f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", str(out),
-               "-ldnnl"]
+        cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
+               "-Wno-attributes", "-Wno-return-type", f"-I{jax.ffi.include_dir()}",
+               str(_SOURCE), "-o", str(out), "-ldnnl"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             errors = [l for l in done.stderr.splitlines() if "error" in l] or [done.stderr]
@@ -80,6 +78,11 @@ def _load():
                 # libgomp reads this once, as it is loaded (here, with libdnnl).
                 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
                 library = ctypes.CDLL(str(path))
+                # One OpenMP thread per call unless OMP_NUM_THREADS says otherwise: XLA runs
+                # independent convolutions (a layer's two gradients) on its own threads at
+                # once, and a ResNet-20 step ran 1.6-1.7x Eigen's images/s so against 1.25-1.45x
+                # with two threads per call (2 busy cores, RESULTS.md).
+                library.OnednnConvSetThreads(0 if os.environ.get("OMP_NUM_THREADS") else 1)
                 for target, symbol in _TARGETS.items():
                     jax.ffi.register_ffi_target(
                         target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")

@@ -15,7 +15,8 @@
 #include <mutex>
 #include <string>
 #include <tuple>
-#include <vector>
+
+#include <omp.h>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -24,6 +25,9 @@ namespace ffi = xla::ffi;
 using dnnl::memory;
 
 namespace {
+
+// OpenMP threads per call (0: OpenMP's default), set by OnednnConvSetThreads.
+int threads = 0;
 
 enum class Pass { kForward, kData, kWeights };
 
@@ -127,6 +131,8 @@ ffi::Error Run(Pass pass, float* x, ffi::Span<const int64_t> x_dims, float* w,
     return ffi::Error::InvalidArgument("onednn_conv: expected NHWC input and HWIO weights");
   Key key{static_cast<int>(pass), x_dims[0], x_dims[3], x_dims[1], x_dims[2], w_dims[3],
           w_dims[0], w_dims[1], sh, sw, ph_lo, ph_hi, pw_lo, pw_hi};
+  // Per calling thread (an XLA worker), before the primitive is built for that many threads.
+  if (threads > 0) omp_set_num_threads(threads);
   try {
     const Plan& plan = GetPlan(pass, key);
     auto& engine = Engine();
@@ -138,11 +144,13 @@ ffi::Error Run(Pass pass, float* x, ffi::Span<const int64_t> x_dims, float* w,
     memory src({Dims({n, c, h, wd}), f32, memory::format_tag::nhwc}, engine, x);
     memory dst({Dims({n, o, oh, ow}), f32, memory::format_tag::nhwc}, engine, y);
     memory hwio({Dims({o, c, kh, kw}), f32, memory::format_tag::hwio}, engine, w);
-    std::vector<char> scratch_buf(plan.scratch_md.get_size());
-    memory scratch(plan.scratch_md, engine, scratch_buf.data());
-    std::vector<char> weights_buf(plan.reorder_weights ? plan.weights_md.get_size() : 0);
+    // Uninitialised (not std::vector's zeros): oneDNN writes both before it reads them.
+    std::unique_ptr<char[]> scratch_buf(new char[plan.scratch_md.get_size()]);
+    memory scratch(plan.scratch_md, engine, scratch_buf.get());
+    std::unique_ptr<char[]> weights_buf(
+        new char[plan.reorder_weights ? plan.weights_md.get_size() : 0]);
     memory weights = plan.reorder_weights
-                         ? memory(plan.weights_md, engine, weights_buf.data()) : hwio;
+                         ? memory(plan.weights_md, engine, weights_buf.get()) : hwio;
     if (pass == Pass::kForward) {
       if (plan.reorder_weights) plan.reorder.execute(stream, hwio, weights);
       plan.conv.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights},
@@ -185,6 +193,8 @@ ffi::Error BackwardWeights(F32 x, F32 dy, F32Out dw, int64_t sh, int64_t sw, int
 }
 
 }  // namespace
+
+extern "C" void OnednnConvSetThreads(int n) { threads = n; }
 
 #define CONV_ATTRS                                                                      \
   .Attr<int64_t>("stride_h").Attr<int64_t>("stride_w").Attr<int64_t>("pad_h_lo")        \

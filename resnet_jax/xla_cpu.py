@@ -26,6 +26,11 @@ Two XLA CPU behaviours (JAX 0.10.2's XLA) are answered here, each with the way t
    images/s with `materialize=False` on CPU.
 
 A third, the YNNPACK compiler options, is set per compiled program: parallel.CPU_COMPILER_OPTIONS.
+
+Beside these, an opt-in (`config.cpu_convolution='onednn'`): Eigen itself is the slow part,
+its weight gradients on about one thread, and no XLA option of this jaxlib hands convolutions to
+oneDNN, so `onednn_conv_general_dilated` calls oneDNN through XLA FFI (onednn.py). Equal to
+float32 rounding, not bit for bit, hence not the default.
 """
 
 from __future__ import annotations
