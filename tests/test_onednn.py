@@ -12,7 +12,8 @@ from resnet_jax.configs import cifar
 
 needs_onednn = pytest.mark.skipif(not onednn.available()[0],
                                   reason=f"oneDNN convolution unavailable: "
-                                         f"{onednn.available()[1]}")
+                                         f"{onednn.available()[1]} (.ci/run installs g++ and "
+                                         "libdnnl-dev as root)")
 EPS = np.finfo(np.float32).eps
 
 # (batch, side, in, out, kernel, stride, padding): the CIFAR stages' layers (He et al. 2015,
