@@ -62,9 +62,9 @@ def _torch_passes(torch, batch, side, channels):
 
 def main(argv=None) -> int:
     parser = ArgumentParser("benchmarks.onednn_conv", __doc__)
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=128, help="images per call")
     parser.add_argument("--iters", type=int, default=10, help="calls per pass and round")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5, help="rounds in turns; the best counts")
     parser.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
     args = parser.parse_args(argv)
     from resnet_jax import onednn, xla_cpu
