@@ -57,7 +57,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                                   shortcut=config.shortcut,
                                   **{k: config[k] for k in family.options} if family else {})
         parallel.check_parallelism(config.parallelism)
-        xla_cpu.check_convolution(config.get("cpu_convolution", "eigen"), jax.default_backend())
+        xla_cpu.check_convolution(config.get("cpu_convolution", "eigen"))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     need(config.block in BLOCKS, f"unknown block {config.block!r}: use post or pre")

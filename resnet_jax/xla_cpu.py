@@ -52,13 +52,14 @@ NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
 CPU_CONVOLUTIONS = ("eigen", "onednn")
 
 
-def check_convolution(cpu_convolution: str, platform: str) -> None:
-    """Raises ValueError (one line) for an unknown `cpu_convolution`, or 'onednn' on a CPU
-    `platform` where oneDNN cannot be built or loaded."""
+def check_convolution(cpu_convolution: str) -> None:
+    """Raises ValueError (one line) for an unknown `cpu_convolution`, or 'onednn' where oneDNN
+    cannot be built or loaded. Whatever the platform: asking JAX which one it is would start
+    its backend, too early for a multi-process run or a sweep's parent process."""
     if cpu_convolution not in CPU_CONVOLUTIONS:
         raise ValueError(f"cpu_convolution={cpu_convolution!r}: use one of "
                          f"{', '.join(CPU_CONVOLUTIONS)}")
-    if cpu_convolution == "onednn" and platform == "cpu":
+    if cpu_convolution == "onednn":
         ok, why = onednn.available()
         if not ok:
             raise ValueError(f"cpu_convolution='onednn': {why}; or use cpu_convolution=eigen")

@@ -104,10 +104,10 @@ def test_without_a_compiler_it_says_why_in_one_line(monkeypatch, tmp_path):
     assert not ok and why == "no C++ compiler (g++) to build the oneDNN convolution"
     with pytest.raises(ValueError, match=r"^cpu_convolution='onednn': no C\+\+ compiler .*; or "
                                          r"use cpu_convolution=eigen$"):
-        xla_cpu.check_convolution("onednn", "cpu")
-    xla_cpu.check_convolution("onednn", "gpu")  # a CPU convolution asks nothing of a GPU run
+        xla_cpu.check_convolution("onednn")
+    xla_cpu.check_convolution("eigen")  # the default needs nothing
     with pytest.raises(ValueError, match="cpu_convolution='mkl': use one of eigen, onednn"):
-        xla_cpu.check_convolution("mkl", "cpu")
+        xla_cpu.check_convolution("mkl")
 
 
 def test_without_onednn_headers_it_says_why_in_one_line(monkeypatch, tmp_path):
