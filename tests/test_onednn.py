@@ -119,3 +119,36 @@ def test_without_onednn_headers_it_says_why_in_one_line(monkeypatch, tmp_path):
     assert not ok and why.startswith("could not build the oneDNN convolution (is libdnnl-dev "
                                      "installed?): ") and "no_such_header" in why
     assert "\n" not in why
+
+
+@needs_onednn
+@pytest.mark.parametrize("scan", [False, True])
+def test_a_net_with_onednn_convolutions_trains_as_with_xla(scan):
+    """A ResNet-14's loss and gradients, blocks unrolled or under `lax.scan` (whose loops XLA
+    CPU treats apart, xla_cpu.py): equal to float32 rounding of each convolution, amplified by
+    batch norm over 4 images."""
+    from flax import nnx
+
+    from resnet_jax import models
+
+    x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+    labels = jnp.arange(4) % 10
+
+    def loss(model):
+        logits, _ = models.forward(model, x, train=True)
+        return jnp.mean(-jax.nn.log_softmax(logits)[jnp.arange(4), labels])
+
+    results = []
+    for conv in xla_cpu.CPU_CONVOLUTIONS:
+        net = models.cifar_resnet(14, scan_blocks=scan, rngs=nnx.Rngs(0),
+                                  convolution=xla_cpu.convolution("cpu", scan, conv))
+        graph, params, rest = nnx.split(net, nnx.Param, ...)
+        step = jax.jit(jax.value_and_grad(lambda p, r: loss(nnx.merge(graph, p, r, copy=True))))
+        # Fast to compile, as tests/test_models.py does; both sides compile the same way.
+        results.append(step.lower(params, rest).compile(
+            {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True})(
+                params, rest))
+    (loss_eigen, grads_eigen), (loss_onednn, grads_onednn) = results
+    np.testing.assert_allclose(loss_onednn, loss_eigen, rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(grads_onednn), jax.tree.leaves(grads_eigen)):
+        assert float(jnp.abs(got - want).max()) <= 1e-4 * float(jnp.abs(want).max())
