@@ -131,8 +131,14 @@ ffi::Error Run(Pass pass, float* x, ffi::Span<const int64_t> x_dims, float* w,
     return ffi::Error::InvalidArgument("onednn_conv: expected NHWC input and HWIO weights");
   Key key{static_cast<int>(pass), x_dims[0], x_dims[3], x_dims[1], x_dims[2], w_dims[3],
           w_dims[0], w_dims[1], sh, sw, ph_lo, ph_hi, pw_lo, pw_hi};
-  // Per calling thread (an XLA worker), before the primitive is built for that many threads.
-  if (threads > 0) omp_set_num_threads(threads);
+  // Per calling thread, before the primitive is built for that many threads, and restored
+  // after: XLA may run the call on the Python thread, whose OpenMP setting another library in
+  // the process (PyTorch, sharing libgomp) would otherwise inherit.
+  struct Threads {
+    int before = omp_get_max_threads();
+    Threads() { if (threads > 0) omp_set_num_threads(threads); }
+    ~Threads() { if (threads > 0) omp_set_num_threads(before); }
+  } scoped_threads;
   try {
     const Plan& plan = GetPlan(pass, key);
     auto& engine = Engine();
