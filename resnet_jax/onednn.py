@@ -75,7 +75,8 @@ def _load():
                 # Debian's oneDNN runs on OpenMP (libgomp), whose threads spin after each
                 # parallel region by default, taking the cores from XLA's own threads between
                 # the convolutions: 3-4x slower convolutions on 2 busy cores (RESULTS.md).
-                # libgomp reads this once, as it is loaded (here, with libdnnl).
+                # libgomp reads this once, as it is loaded: here, with libdnnl, unless PyTorch
+                # (which brings its own libgomp) was imported first.
                 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
                 library = ctypes.CDLL(str(path))
                 # One OpenMP thread per call unless OMP_NUM_THREADS says otherwise: XLA runs

@@ -48,7 +48,7 @@ NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
 
 # config.cpu_convolution: what runs a float32 convolution on CPU. 'eigen': XLA's own (the
 # default, every committed number); 'onednn': oneDNN through XLA FFI (onednn.py), equal to
-# float32 rounding and 2-3x faster per layer on 2 cores (benchmarks/RESULTS.md, 2026-12-07).
+# float32 rounding and 1.6-3.3x faster per layer on 2 cores (benchmarks/RESULTS.md, 2026-12-07).
 CPU_CONVOLUTIONS = ("eigen", "onednn")
 
 

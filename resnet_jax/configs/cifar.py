@@ -51,7 +51,7 @@ def get_config(arg=None):
     # What runs the float32 convolutions on CPU (nothing else): 'eigen', XLA's own, or
     # 'onednn', oneDNN through XLA FFI (resnet_jax/onednn.py; needs g++ and Debian's
     # libdnnl-dev). oneDNN sums in another order: equal to float32 rounding, not bit for bit;
-    # about 1.4x the images/s of a ResNet-20 step on 2 cores (benchmarks/RESULTS.md).
+    # 1.45-2.3x the images/s of a ResNet-20 step on 2 busy cores (benchmarks/RESULTS.md).
     c.cpu_convolution = "eigen"
 
     # Data.
