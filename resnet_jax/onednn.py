@@ -41,13 +41,14 @@ _lock = threading.Lock()
 _state: dict = {}  # 'error': why not (str), or 'library': the loaded CDLL
 
 
-def _build() -> Path:
-    """The compiled library, built now unless a build of this source is cached."""
+def _build(rebuild: bool = False) -> Path:
+    """The compiled library, built now unless a build of this source is cached (or
+    `rebuild`)."""
     import jaxlib
     source = _SOURCE.read_bytes()
     tag = hashlib.sha256(source + jaxlib.__version__.encode()).hexdigest()[:16]
     library = data.cache_dir() / f"onednn_conv-{tag}.so"
-    if library.exists():
+    if library.exists() and not rebuild:
         return library
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
@@ -60,7 +61,8 @@ def _build() -> Path:
                str(_SOURCE), "-o", str(out), "-ldnnl"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            errors = [l for l in done.stderr.splitlines() if "error" in l] or [done.stderr]
+            errors = [l for l in done.stderr.splitlines()
+                      if "error" in l or "cannot find" in l] or [done.stderr]
             raise RuntimeError(f"could not build the oneDNN convolution (is libdnnl-dev "
                                f"installed?): {errors[0].strip()}")
         os.replace(out, library)  # atomic: concurrent first uses each build, one wins
@@ -78,7 +80,10 @@ def _load():
                 # libgomp reads this once, as it is loaded: here, with libdnnl, unless PyTorch
                 # (which brings its own libgomp) was imported first.
                 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
-                library = ctypes.CDLL(str(path))
+                try:
+                    library = ctypes.CDLL(str(path))
+                except OSError:  # built against another oneDNN, since replaced: once more
+                    library = ctypes.CDLL(str(_build(rebuild=True)))
                 # One OpenMP thread per call unless OMP_NUM_THREADS says otherwise: XLA runs
                 # independent convolutions (a layer's two gradients) on its own threads at
                 # once, and a ResNet-20 step ran 1.6-1.7x Eigen's images/s so against 1.25-1.45x
