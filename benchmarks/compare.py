@@ -34,6 +34,8 @@ def main(argv=None) -> int:
                         help="JAX's compute dtype (PyTorch runs float32)")
     parser.add_argument("--modes", default="eager,compile",
                         help="PyTorch modes: eager, compile")
+    parser.add_argument("--cpu-convolutions", default="eigen",
+                        help="JAX's config.cpu_convolution on CPU, one row each: eigen, onednn")
     parser.add_argument("--json", help="also write every row to this file")
     args = parser.parse_args(argv)
     torch = import_torch("compare")
@@ -50,26 +52,33 @@ def main(argv=None) -> int:
     rows, lines = [], ["| net | JAX images/s | best PyTorch images/s (mode) | JAX / PyTorch | "
                        "JAX compile s |", "|---|---:|---:|---:|---:|"]
     for depth in map(int, args.depths.split(",")):
-        config = cifar.get_config(f"depth={depth}")
-        config.batch_size, config.dtype, config.num_devices = args.batch, args.dtype, 1
-        config.log_diagnostics = False  # the reference computes none
-        ours = bench.Step(config)
+        ours = []
+        for conv in args.cpu_convolutions.split(","):
+            config = cifar.get_config(f"depth={depth}")
+            config.batch_size, config.dtype, config.num_devices = args.batch, args.dtype, 1
+            config.log_diagnostics = False  # the reference computes none
+            config.cpu_convolution = conv
+            ours.append(bench.Step(config))
         peers = [torch_reference.Step(depth, batch_size=args.batch, mode=mode, channels_last=cl,
                                       device=device)
                  for mode in args.modes.split(",") for cl in (False, True)]
-        seconds = [[] for _ in range(1 + len(peers))]
+        steps = [*ours, *peers]
+        seconds = [[] for _ in steps]
         for _ in range(args.rounds):
-            for times, step in zip(seconds, [ours, *peers]):
+            for times, step in zip(seconds, steps):
                 times.append(step.time(args.steps))
-        ours, *theirs = [step.row(min(times)) | {"rounds_ms": [1e3 * t for t in times]}
-                         for step, times in zip([ours, *peers], seconds)]
-        ours |= {"framework": "jax", "jax": jax.__version__}
-        rows += [ours, *theirs]
+        timed = [step.row(min(times)) | {"rounds_ms": [1e3 * t for t in times]}
+                 for step, times in zip(steps, seconds)]
+        ours, theirs = timed[:len(ours)], timed[len(ours):]
         best = max(theirs, key=lambda r: r["images_per_sec"])
-        lines.append(f"| {ours['net']} | {ours['images_per_sec']:.0f} | "
-                     f"{best['images_per_sec']:.0f} ({best['mode']}) | "
-                     f"{ours['images_per_sec'] / best['images_per_sec']:.2f} | "
-                     f"{ours['compile_s']:.1f} |")
+        for row, conv in zip(ours, args.cpu_convolutions.split(",")):
+            row |= {"framework": "jax", "jax": jax.__version__, "cpu_convolution": conv}
+            net = row["net"] + (f" ({conv})" if args.cpu_convolutions != "eigen" else "")
+            lines.append(f"| {net} | {row['images_per_sec']:.0f} | "
+                         f"{best['images_per_sec']:.0f} ({best['mode']}) | "
+                         f"{row['images_per_sec'] / best['images_per_sec']:.2f} | "
+                         f"{row['compile_s']:.1f} |")
+        rows += [*ours, *theirs]
         for r in theirs:
             print(f"  pytorch {r['net']} {r['mode']}: {r['images_per_sec']:.0f} images/s",
                   file=sys.stderr, flush=True)

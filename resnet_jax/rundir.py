@@ -48,7 +48,8 @@ SWEEP_JSON = "sweep.json"  # in a sweep's ROOT: what it declared, and its report
 RESUMABLE_KEYS = {"total_steps", "log_every_steps", "log_diagnostics", "eval_every_steps",
                   "eval_subset", "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size",
                   "parallelism", "num_devices", "tfds_data_dir", "not_converged_fraction_of_chance",
-                  "input_threads", "input_workers", "profile_steps", "steps_per_call"}
+                  "input_threads", "input_workers", "profile_steps", "steps_per_call",
+                  "cpu_convolution"}
 # The keys in which runs trained in one program may differ (`parallel.Backend.seeds`).
 SEED_KEYS = {"seed"}
 

@@ -40,7 +40,8 @@ def create_model(config, *, num_classes: int, in_channels: int,
     its layers call: on XLA CPU one whose gradients XLA CPU runs fast (xla_cpu.py)."""
     bn = bn or models.BatchNormConfig(momentum=config.bn_momentum)
     scan_blocks = config.scan_blocks
-    convolution = xla_cpu.convolution(platform or jax.default_backend(), scan_blocks)
+    convolution = xla_cpu.convolution(platform or jax.default_backend(), scan_blocks,
+                                      config.cpu_convolution)
     family = models.FAMILIES[config.model]
     return family.build(config.depth, width=config.width,
                         **{k: config[k] for k in family.options}, num_classes=num_classes,

@@ -3,7 +3,7 @@
 Nothing here changes a number: the forward pass is `jax.lax.conv_general_dilated`, and the
 gradients are the same convolutions XLA would run, stated so that XLA CPU runs them on its fast
 path (bit-identical gradients, tests/test_models.py). The training side picks the convolution
-for its platform (`convolution`, called from `train.create_model`) and hands it to the model
+for its platform (`convolution`, called from `step.create_model`) and hands it to the model
 (`models.ResNet(convolution=...)`); the model itself never asks which backend it runs on.
 
 Two XLA CPU behaviours (JAX 0.10.2's XLA) are answered here, each with the way to tell it is gone:
@@ -26,6 +26,11 @@ Two XLA CPU behaviours (JAX 0.10.2's XLA) are answered here, each with the way t
    images/s with `materialize=False` on CPU.
 
 A third, the YNNPACK compiler options, is set per compiled program: parallel.CPU_COMPILER_OPTIONS.
+
+Beside these, an opt-in (`config.cpu_convolution='onednn'`): Eigen itself is the slow part,
+its weight gradients on about one thread, and no XLA option of this jaxlib hands convolutions to
+oneDNN, so `onednn_conv_general_dilated` calls oneDNN through XLA FFI (onednn.py). Equal to
+float32 rounding, not bit for bit, hence not the default.
 """
 
 from __future__ import annotations
@@ -36,17 +41,63 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from resnet_jax import onednn
+
 NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
 
 
-def convolution(platform: str, scanned: bool) -> Callable:
+# config.cpu_convolution: what runs a float32 convolution on CPU. 'eigen': XLA's own (the
+# default, every committed number); 'onednn': oneDNN through XLA FFI (onednn.py), equal to
+# float32 rounding and 1.6-3.3x faster per layer on 2 cores (benchmarks/RESULTS.md, 2026-12-07).
+CPU_CONVOLUTIONS = ("eigen", "onednn")
+
+
+def check_convolution(cpu_convolution: str) -> None:
+    """Raises ValueError (one line) for an unknown `cpu_convolution`, or 'onednn' where oneDNN
+    cannot be built or loaded. Whatever the platform: asking JAX which one it is would start
+    its backend, too early for a multi-process run or a sweep's parent process."""
+    if cpu_convolution not in CPU_CONVOLUTIONS:
+        raise ValueError(f"cpu_convolution={cpu_convolution!r}: use one of "
+                         f"{', '.join(CPU_CONVOLUTIONS)}")
+    if cpu_convolution == "onednn":
+        ok, why = onednn.available()
+        if not ok:
+            raise ValueError(f"cpu_convolution='onednn': {why}; or use cpu_convolution=eigen")
+
+
+def convolution(platform: str, scanned: bool, cpu_convolution: str = "eigen") -> Callable:
     """The `jax.lax.conv_general_dilated` a model's conv layers should call on `platform`
     ('cpu', 'gpu', 'tpu'), its blocks `scanned` or not: on CPU the canonical-gradient one with
-    materialised transposes; elsewhere JAX's own, or for scanned blocks the canonical-gradient
-    one without the barrier (as since 478c88c; only XLA CPU was measured to need it)."""
+    materialised transposes, or with `cpu_convolution='onednn'` oneDNN's (`onednn_conv_general_
+    dilated`); elsewhere JAX's own, or for scanned blocks the canonical-gradient one without the
+    barrier (as since 478c88c; only XLA CPU was measured to need it)."""
     if platform == "cpu":
-        return conv_general_dilated
+        return onednn_conv_general_dilated if cpu_convolution == "onednn" else conv_general_dilated
     return _conv_general_dilated_unmaterialized if scanned else jax.lax.conv_general_dilated
+
+
+def _plain(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+           feature_group_count, precision, kwargs) -> bool:
+    """A 2-D NHWC x HWIO convolution with explicit padding, no dilation, no groups."""
+    return (lhs.ndim == 4 and feature_group_count == 1 and precision is None
+            and not isinstance(padding, str)
+            and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+            and all(v is None for v in kwargs.values())
+            and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+            == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC_HWIO))
+
+
+def onednn_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                                rhs_dilation=None, dimension_numbers=None,
+                                feature_group_count=1, precision=None, **kwargs):
+    """`jax.lax.conv_general_dilated` through oneDNN (onednn.py) for plain float32 2-D NHWC x
+    HWIO convolutions; anything else (bfloat16 included) as `conv_general_dilated`."""
+    if (lhs.dtype == rhs.dtype == jnp.float32
+            and _plain(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                       feature_group_count, precision, kwargs)):
+        return onednn.conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)))
+    return conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                dimension_numbers, feature_group_count, precision, **kwargs)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -56,13 +107,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     the module docstring), the weight gradient's transposes behind a fusion barrier unless
     `materialize` is False (2.). Anything but a plain 2-D NHWC x HWIO convolution goes to
     `jax.lax.conv_general_dilated` unchanged."""
-    plain = (lhs.ndim == 4 and feature_group_count == 1 and precision is None
-             and not isinstance(padding, str)
-             and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-             and all(v is None for v in kwargs.values())
-             and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-             == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC_HWIO))
-    if plain:
+    if _plain(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+              feature_group_count, precision, kwargs):
         return _nhwc_conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)),
                           materialize)
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,

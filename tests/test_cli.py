@@ -858,7 +858,7 @@ def test_output_to_a_reader_that_left_ends_quietly(argv):
 ENTRY_POINTS = ["experiments.sweep", "experiments.report", "experiments.layer_responses",
                 "benchmarks.accuracy_ab", "benchmarks.compare", "benchmarks.summary_time",
                 "benchmarks.xla_options", "benchmarks.input_rate", "benchmarks.time_model",
-                "benchmarks.host_overhead"]
+                "benchmarks.host_overhead", "benchmarks.onednn_conv"]
 
 
 def documented_options(help_text: str) -> dict[str, str]:

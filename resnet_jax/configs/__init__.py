@@ -23,7 +23,8 @@ def added_keys(model: str = "cifar") -> dict:
     """The added keys of `model`'s config file ('cifar' or 'imagenet') with their defaults."""
     return dict(norm="batch", norm_groups=32 if model == "imagenet" else 8,
                 residual_init="standard", optimizer="sgd", adam_b2=0.999,
-                lars_trust_coefficient=0.001, schedule="step", warmup_shape="constant")
+                lars_trust_coefficient=0.001, schedule="step", warmup_shape="constant",
+                cpu_convolution="eigen")
 
 
 ADDED_KEYS = tuple(added_keys())

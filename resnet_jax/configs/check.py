@@ -8,7 +8,7 @@ import pathlib
 
 import ml_collections
 
-from resnet_jax import models, optim, parallel, pipeline
+from resnet_jax import models, optim, parallel, pipeline, xla_cpu
 from resnet_jax.configs import cifar, imagenet
 from resnet_jax.errors import ConfigError
 
@@ -44,6 +44,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                                   **{k: config[k] for k in family.options} if family else {})
         parallel.check_parallelism(config.parallelism)
         optim.check_config(config)
+        xla_cpu.check_convolution(config.cpu_convolution)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     need(config.block in models.BLOCKS,

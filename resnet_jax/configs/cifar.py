@@ -60,6 +60,11 @@ def get_config(arg=None):
     # CPU step about 5 % slower (benchmarks/RESULTS.md), so off by default. It changes the
     # checkpoint layout (each run's parameters stacked), so a run cannot resume across it.
     c.scan_blocks = False
+    # What runs the float32 convolutions on CPU (nothing else): 'eigen', XLA's own, or
+    # 'onednn', oneDNN through XLA FFI (resnet_jax/onednn.py; needs g++ and Debian's
+    # libdnnl-dev). oneDNN sums in another order: equal to float32 rounding, not bit for bit;
+    # 1.45-2.3x the images/s of a ResNet-20 step on 2 busy cores (benchmarks/RESULTS.md).
+    c.cpu_convolution = ADDED["cpu_convolution"]
 
     # Data.
     c.dataset = a["dataset"]
