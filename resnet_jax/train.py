@@ -157,7 +157,7 @@ def read_run_json(path: pathlib.Path) -> dict:
         raise ConfigError(f"{path} has no {', '.join(map(repr, missing))}: {fix}")
     if path.name == "config.json":  # written before keys whose defaults mean what it ran
         defaults = _config_defaults(obj)
-        obj = {**{k: defaults[k] for k in ADDED_KEYS if k in defaults}, **obj}
+        obj |= {k: defaults[k] for k in ADDED_KEYS if k in defaults and k not in obj}
     return obj
 
 
