@@ -82,7 +82,8 @@ def read_run_json(path: pathlib.Path) -> dict:
     if path.name == SUMMARY_JSON and missing:
         raise ConfigError(f"{path} has no {', '.join(map(repr, missing))}: {fix}")
     if path.name == CONFIG_JSON:  # written before keys whose defaults compute what it ran
-        obj = {**configs.added_keys(obj.get("model", "")), **obj}
+        obj |= {k: v for k, v in configs.added_keys(obj.get("model", "")).items()
+                if k not in obj}  # after the run's own keys: a report lists them in order
     return obj
 
 
