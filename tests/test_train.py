@@ -46,6 +46,40 @@ def test_batches_are_functions_of_seed_and_step():
     assert a["image"].shape == (5, 4, 4, 1)
 
 
+@pytest.mark.parametrize("seeds", [(), (3, 4)])
+def test_the_feed_draws_each_epochs_order_once_and_cuts_the_same_batches(seeds):
+    """DeviceFeed draws an epoch's permutation once (data.epoch_order) and hands it to each
+    batch: every batch, across epoch boundaries and with seeds in one program, is bit for bit the
+    one data.train_batch draws whole (as a program of several steps still does)."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (20, 6, 6, 3), dtype=np.uint8)
+    split = data.Split(images, rng.integers(0, 10, 20).astype(np.int32))
+    ds = data.Dataset("t", 10, split, split, None)
+    config = cifar.get_config("dataset=digits")
+    config.batch_size, config.crop_padding = 8, 2  # 2 steps per epoch, 4 examples left out
+    backend = parallel.create_backend("jit", 8, num_devices=2, seeds=seeds)
+    feed = data.DeviceFeed(ds, config, backend)
+    mean = data.mean_image(images)
+
+    def whole(images, labels, mean, key, step, *, part):  # the order drawn in every batch
+        return data.train_batch(images, labels, mean, key, step, batch_size=8, padding=2,
+                                flip=config.flip, part=part)
+
+    keys = [jax.random.fold_in(jax.random.key(seed), 1) for seed in seeds or (config.seed,)]
+    if seeds:
+        one, whole = whole, lambda images, labels, mean, keys, step, *, part: jax.vmap(
+            lambda key: one(images, labels, mean, key, step, part=part))(keys)
+    reference = backend.compile_batch(whole)  # as DeviceFeed cut batches before
+    for step in (0, 1, 2, 3, 7, 2, 9):  # steps out of order and back: each epoch drawn anew
+        got = feed.train_batch(step)
+        want = reference(images, split.labels, mean, backend.stack_runs(keys), step)
+        for k in ("image", "label"):
+            np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]))
+    traced = jax.jit(feed.train_batch)(jax.numpy.int32(4))  # the path of steps_per_call > 1
+    np.testing.assert_array_equal(np.asarray(traced["label"]),
+                                  np.asarray(feed.train_batch(4)["label"]))
+
+
 def test_augmentation_crops_and_flips():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (64, 8, 8, 3), dtype=np.uint8)
