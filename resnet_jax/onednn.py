@@ -84,11 +84,11 @@ def _load():
                     library = ctypes.CDLL(str(path))
                 except OSError:  # built against another oneDNN, since replaced: once more
                     library = ctypes.CDLL(str(_build(rebuild=True)))
-                # One OpenMP thread per call unless OMP_NUM_THREADS says otherwise: XLA runs
-                # independent convolutions (a layer's two gradients) on its own threads at
-                # once, and a ResNet-20 step ran 1.6-1.7x Eigen's images/s so against 1.25-1.45x
-                # with two threads per call (2 busy cores, RESULTS.md).
-                library.OnednnConvSetThreads(0 if os.environ.get("OMP_NUM_THREADS") else 1)
+                # OpenMP's thread count per call (OMP_NUM_THREADS, else every core): on 2 idle
+                # cores a ResNet-20 step ran at 1.66x Eigen's images/s so against 1.10x with one
+                # thread per call; on busy cores one thread per call (OMP_NUM_THREADS=1) did
+                # better, as XLA runs a layer's two gradients at once (RESULTS.md).
+                library.OnednnConvSetThreads(0)
                 for target, symbol in _TARGETS.items():
                     jax.ffi.register_ffi_target(
                         target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
