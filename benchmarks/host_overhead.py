@@ -92,6 +92,8 @@ def loop_rate(steps_per_call: int, total_steps: int, batch: int) -> float:
     """Train steps per second of the training loop on digits, as its last record reports."""
     from resnet_jax import train
     from resnet_jax.configs import cifar
+    from resnet_jax.metrics import EXAMPLES_PER_SEC
+    from resnet_jax.rundir import METRICS_JSONL
 
     c = cifar.get_config("depth=8,base_width=4,dataset=digits")
     c.update(batch_size=batch, num_devices=1, log_diagnostics=False, total_steps=total_steps,
@@ -99,9 +101,9 @@ def loop_rate(steps_per_call: int, total_steps: int, batch: int) -> float:
              checkpoint_every_steps=total_steps, eval_subset=100, steps_per_call=steps_per_call)
     with tempfile.TemporaryDirectory() as workdir, contextlib.redirect_stdout(io.StringIO()):
         train.train_and_evaluate(c, workdir)
-        with open(f"{workdir}/metrics.jsonl") as f:
+        with open(f"{workdir}/{METRICS_JSONL}") as f:
             last = json.loads(f.read().splitlines()[-1])
-    return last["examples_per_sec"] / batch
+    return last[EXAMPLES_PER_SEC] / batch
 
 
 def main(argv=None) -> int:

@@ -60,6 +60,7 @@ def main(argv=None) -> int:
 
     from resnet_jax import bench
     from resnet_jax.configs import cifar
+    from resnet_jax.metrics import EVAL_SECONDS, EXAMPLES_PER_SEC, TIME
 
     load = os.getloadavg()
     rows = []
@@ -90,12 +91,12 @@ def main(argv=None) -> int:
         first, last = records[0], records[-1]
         row = {"size": size, "net": step.net, "batch": batch, "steps": args.steps,
                "step_images_per_sec": batch / min(seconds),
-               "loop_images_per_sec": statistics.median(r["examples_per_sec"]
+               "loop_images_per_sec": statistics.median(r[EXAMPLES_PER_SEC]
                                                         for r in records[1:]),
                "run_images_per_sec": (last["step"] - first["step"]) * batch
-               / (last["time"] - first["time"]),
+               / (last[TIME] - first[TIME]),
                "process_images_per_sec": args.steps * batch / process_s,
-               "eval_seconds": sum(r.get("eval_seconds", 0) for r in records[1:]),
+               "eval_seconds": sum(r.get(EVAL_SECONDS, 0) for r in records[1:]),
                "step_rounds_ms": [1e3 * s for s in seconds]}
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)

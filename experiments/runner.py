@@ -67,7 +67,7 @@ class Progress:
 
     def __init__(self, total: int, todo: dict):
         self.total, self.done, self.failures = total, total - len(todo), 0
-        self.cost = {name: c.total_steps * c.get("depth", 1) for name, c in todo.items()}
+        self.cost = {name: c.total_steps * c.depth for name, c in todo.items()}
         self.start, self.done_cost, self.running = time.time(), 0, {}
 
     def finished(self, name: str) -> None:

@@ -23,8 +23,9 @@ from resnet_jax.rundir import METRICS_JSONL, TENSORBOARD
 # Wall-clock measurements: `time` (Unix seconds), the train step's throughput, and the seconds
 # spent evaluating and checkpointing. Two runs of the same computation differ only in these.
 # The last two are the loop's time aside from training (`train.Clock.aside`).
+TIME, EXAMPLES_PER_SEC = "time", "examples_per_sec"
 EVAL_SECONDS, CHECKPOINT_SECONDS = "eval_seconds", "checkpoint_seconds"
-TIMING_KEYS = frozenset({"time", "examples_per_sec", EVAL_SECONDS, CHECKPOINT_SECONDS})
+TIMING_KEYS = frozenset({TIME, EXAMPLES_PER_SEC, EVAL_SECONDS, CHECKPOINT_SECONDS})
 
 
 def read_records(path: pathlib.Path) -> list[dict]:
@@ -115,8 +116,8 @@ class MetricsWriter:
             if self.hparams is not None:  # each new event file: `truncate` deleted the old
                 self._tb.file_writer.add_summary(hparams_session(self.hparams))
         for key, value in record.items():
-            if key not in ("step", "time"):  # `time` is each event's own wall time
-                self._tb.add_scalar(key, value, record["step"], walltime=record.get("time"))
+            if key not in ("step", TIME):  # `time` is each event's own wall time
+                self._tb.add_scalar(key, value, record["step"], walltime=record.get(TIME))
         if self.hparams is not None and record["step"] == self.total_steps:
             self._tb.file_writer.add_summary(hparams_session({}, end=True))
         self._tb.flush()
@@ -127,7 +128,7 @@ class MetricsWriter:
         parts = [f"{self.label}step {step}/{self.total_steps}"]
         names = {"train/loss": "loss {:.3f}", "train/error": "train err {:.2f}%",
                  "val/error": "val err {:.2f}%", "test/error": "test err {:.2f}%",
-                 "examples_per_sec": "{:.0f} img/s"}
+                 EXAMPLES_PER_SEC: "{:.0f} img/s"}
         parts += [fmt.format(record[k]) for k, fmt in names.items() if k in record]
         if seconds_left is not None:
             parts.append(f"{_duration(seconds_left)} left")

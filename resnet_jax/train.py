@@ -23,7 +23,8 @@ from resnet_jax import data, parallel, pipeline, resume, rundir
 from resnet_jax.checkpoint import Checkpointer, Preempted, PreemptionWatch
 from resnet_jax.configs.check import check_config
 from resnet_jax.errors import ConfigError
-from resnet_jax.metrics import CHECKPOINT_SECONDS, EVAL_SECONDS, MetricsWriter
+from resnet_jax.metrics import (CHECKPOINT_SECONDS, EVAL_SECONDS, EXAMPLES_PER_SEC, TIME,
+                                MetricsWriter)
 from resnet_jax.step import (TrainCalls, create_backend, evaluate, make_eval_step, make_training,
                              per_layer_metrics)
 
@@ -234,9 +235,9 @@ class Training:
             if self.logged[k] < warmup_end <= done:
                 record["warmup_end_step"] = warmup_end  # the last step warmed up
             self.logged[k] = done
-            record["time"] = time.time()
+            record[TIME] = time.time()
             if rate is not None:
-                record["examples_per_sec"] = rate * self.config.batch_size
+                record[EXAMPLES_PER_SEC] = rate * self.config.batch_size
             record |= (evaluated[k] if evaluated else {}) | timings
             writer.write(done, record)
             writer.progress(done, record, seconds_left)
