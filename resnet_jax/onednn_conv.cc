@@ -50,6 +50,23 @@ dnnl::engine& Engine() {
 
 memory::dims Dims(std::initializer_list<int64_t> v) { return memory::dims(v.begin(), v.end()); }
 
+// The primitive descriptor of a backward pass `P` (data or weights), in either oneDNN API.
+template <class P>
+typename P::primitive_desc BackwardDesc(const dnnl::engine& engine, dnnl::algorithm algo,
+                                        const memory::desc& src, const memory::desc& weights,
+                                        const memory::desc& dst, const memory::dims& strides,
+                                        const memory::dims& pad_l, const memory::dims& pad_r,
+                                        const dnnl::convolution_forward::primitive_desc& fwd,
+                                        const dnnl::primitive_attr& attr) {
+#if DNNL_VERSION_MAJOR >= 3
+  return typename P::primitive_desc(engine, algo, src, weights, dst, strides, pad_l, pad_r, fwd,
+                                    attr);
+#else
+  return typename P::primitive_desc(
+      typename P::desc(algo, src, weights, dst, strides, pad_l, pad_r), attr, engine, fwd);
+#endif
+}
+
 // The primitive for `pass` of the convolution `key`, built on first use.
 const Plan& GetPlan(Pass pass, const Key& key) {
   static std::mutex mutex;
@@ -87,28 +104,14 @@ const Plan& GetPlan(Pass pass, const Key& key) {
     plan->weights_md = fwd.weights_desc();
     plan->scratch_md = fwd.scratchpad_desc();
   } else if (static_cast<Pass>(p) == Pass::kData) {
-#if DNNL_VERSION_MAJOR >= 3
-    dnnl::convolution_backward_data::primitive_desc bwd(engine, algo, src_md, any_weights_md,
-                                                        dst_md, strides, pad_l, pad_r, fwd, attr);
-#else
-    dnnl::convolution_backward_data::primitive_desc bwd(
-        dnnl::convolution_backward_data::desc(algo, src_md, any_weights_md, dst_md, strides,
-                                              pad_l, pad_r),
-        attr, engine, fwd);
-#endif
+    auto bwd = BackwardDesc<dnnl::convolution_backward_data>(
+        engine, algo, src_md, any_weights_md, dst_md, strides, pad_l, pad_r, fwd, attr);
     plan->conv = dnnl::convolution_backward_data(bwd);
     plan->weights_md = bwd.weights_desc();
     plan->scratch_md = bwd.scratchpad_desc();
   } else {
-#if DNNL_VERSION_MAJOR >= 3
-    dnnl::convolution_backward_weights::primitive_desc bwd(
+    auto bwd = BackwardDesc<dnnl::convolution_backward_weights>(
         engine, algo, src_md, any_weights_md, dst_md, strides, pad_l, pad_r, fwd, attr);
-#else
-    dnnl::convolution_backward_weights::primitive_desc bwd(
-        dnnl::convolution_backward_weights::desc(algo, src_md, any_weights_md, dst_md, strides,
-                                                 pad_l, pad_r),
-        attr, engine, fwd);
-#endif
     plan->conv = dnnl::convolution_backward_weights(bwd);
     plan->weights_md = bwd.diff_weights_desc();
     plan->scratch_md = bwd.scratchpad_desc();
