@@ -58,7 +58,7 @@ def time_step(config, counts: list[int], calls: int, rounds: int) -> dict[str, d
          "label": rng.integers(0, 10, config.batch_size).astype(np.int32)},
         backend.data_sharding)
     single = backend.compile_step(train_step)
-    loops = {k: backend.compile_steps(train_step, lambda data, step: data, k) for k in counts}
+    loops = {k: backend.compile_steps(train_step, lambda data, carry, step: (data, carry), k) for k in counts}
     state = backend.put_state(jax.tree.map(jnp.copy, state))
 
     def run_single(state, n):
@@ -69,7 +69,7 @@ def time_step(config, counts: list[int], calls: int, rounds: int) -> dict[str, d
     def run_loop(k):
         def run(state, n):
             for i in range(n // k):
-                state, metrics = loops[k](state, batch, i * k, k)
+                state, metrics = loops[k](state, batch, (), i * k, k)
             return state, metrics
         return run
 

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jax_core
 import numpy as np
 from PIL import Image
 
@@ -514,6 +515,20 @@ def eval_batches(split: Split, batch_size: int) -> dict[str, np.ndarray]:
             "mask": mask.reshape(shape)}
 
 
+def pure(fn, *args):
+    """(pure, data): `fn(*args)` as `pure(data, *args)` of the device arrays it closes over
+    (`data`), traced once with `args`' shapes, so that a program it is traced into takes those
+    arrays as arguments rather than compiling them in as constants."""
+    closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
+    tree = jax.tree.structure(shapes)
+
+    def call(data, *args):
+        return jax.tree.unflatten(tree, jax_core.jaxpr_as_fun(
+            jax_core.ClosedJaxpr(closed.jaxpr, data))(*jax.tree.leaves(args)))
+
+    return call, list(closed.consts)
+
+
 class DeviceFeed:
     """The training loop's view of an on-device dataset: the training set and its per-pixel mean
     replicated on every device, each device cutting its own share of batch `step` there, and the
@@ -534,18 +549,18 @@ class DeviceFeed:
         cut = functools.partial(train_batch, batch_size=config.batch_size, padding=padding,
                                 flip=config.flip)
         self._key = backend.stack_runs([data_key(s) for s in backend.seeds_of(config.seed)])
-        # The epoch's order, drawn once per epoch (train_batch); one per seed with seeds.
+        # The epoch's order, drawn once per epoch (epoch_order); one per seed with seeds.
         order = functools.partial(epoch_order, n=self.num_train)
         self.steps_per_epoch = self.num_train // config.batch_size
         if backend.seeds:
             order = jax.vmap(order, (0, None))
             many = cut  # vmapped over the keys only (jax.vmap would map keyword arguments too)
-            cut = lambda images, labels, mean, keys, step, orders=None, *, part: jax.vmap(  # noqa: E731
-                lambda key, o: many(images, labels, mean, key, step, part=part, order=o),
-                (0, None if orders is None else 0))(keys, orders)
+            cut = lambda images, labels, mean, keys, step, orders, *, part: jax.vmap(  # noqa: E731
+                lambda key, o: many(images, labels, mean, key, step, part=part, order=o))(
+                    keys, orders)
         else:
             one = cut
-            cut = lambda images, labels, mean, key, step, order=None, *, part: one(  # noqa: E731
+            cut = lambda images, labels, mean, key, step, order, *, part: one(  # noqa: E731
                 images, labels, mean, key, step, part=part, order=order)
         self._cut = backend.compile_batch(cut)
         self._draw_order = jax.jit(order, out_shardings=backend.replicated)
@@ -569,13 +584,46 @@ class DeviceFeed:
     def eval_names(self) -> tuple[str, ...]:
         return tuple(self._whole)
 
-    def train_batch(self, step: int) -> dict:
-        if isinstance(step, jax.core.Tracer):  # traced into a program (steps_per_call > 1)
-            return self._cut(self._images, self._labels, self.mean, self._key, step)
-        epoch = step // self.steps_per_epoch
+    def train_batch(self, step: int, order=None) -> dict:
+        """Batch `step`, cut from the epoch's `order` (by default the one `epoch_order` keeps)."""
+        if order is None:
+            order = self.epoch_order(step // self.steps_per_epoch)
+        return self._cut(self._images, self._labels, self.mean, self._key, step, order)
+
+    def epoch_order(self, epoch: int):
+        """The order of epoch `epoch` (data.epoch_order; stacked, one per seed, with seeds),
+        drawn once and kept until another epoch's is asked for."""
         if self._order[0] != epoch:
-            self._order = (epoch, self._draw_order(self._key, epoch))
-        return self._cut(self._images, self._labels, self.mean, self._key, step, self._order[1])
+            self._order = (epoch, self.draw_order(epoch))
+        return self._order[1]
+
+    def draw_order(self, epoch):
+        """`epoch_order` drawn anew: a pure function of `epoch`, to trace into a program."""
+        return self._draw_order(self._key, epoch)
+
+    def traced_batches(self):
+        """(batch_of, data, carry_of) for `Backend.compile_steps`: `batch_of(data, carry, step)`
+        is `train_batch(step)` as a pure function of the device arrays it reads (`data`: the
+        training set, its mean, the keys, arguments of the program rather than constants compiled
+        into it), with the epoch's order in `carry` = (epoch, order), drawn inside the program
+        only where a step starts a new epoch; `carry_of(step)` the carry to start a call at
+        `step`, from the order kept on the host."""
+        n = self.steps_per_epoch
+        epoch0 = jax.numpy.int32(0)
+        batch_fn, batch_data = pure(self.train_batch, epoch0, self.epoch_order(0))
+        order_fn, order_data = pure(self.draw_order, epoch0)
+
+        def batch_of(data, carry, step):
+            epoch, order = carry
+            new = step // n
+            order = jax.lax.cond(new == epoch, lambda: order,
+                                 lambda: order_fn(data[1], new))
+            return batch_fn(data[0], step, order), (new, order)
+
+        def carry_of(step: int):
+            return jax.numpy.int32(step // n), self.epoch_order(step // n)
+
+        return batch_of, (batch_data, order_data), carry_of
 
     def eval_batches(self, name: str, whole: bool) -> Iterator[dict]:
         return iter((self._whole if whole else self._part)[name])

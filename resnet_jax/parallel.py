@@ -286,27 +286,32 @@ class Backend:
 
     def compile_steps(self, train_step, batch_of, max_steps: int):
         """Up to `max_steps` train steps in one compiled call, for one dispatch from the host
-        instead of one per step: `(state, data, first, count) -> (state, metrics)` runs steps
-        first..first+count-1 (1 <= count <= max_steps; `count` is traced, so one program serves
-        every length), each on the batch `batch_of(data, step)` computed inside the call, and
-        returns the metrics of step first+i in row i of a leading axis of `max_steps` (the rows
-        from `count` on are zeros). The numbers of `count` calls of `compile_step` on those
-        batches, bit for bit on CPU (tests/test_steps_per_call.py)."""
+        instead of one per step: `(state, data, carry, first, count) -> (state, metrics)` runs
+        steps first..first+count-1 (1 <= count <= max_steps; `count` is traced, so one program
+        serves every length), each on the batch of `batch_of(data, carry, step) -> (batch,
+        carry)` computed inside the call, `carry` handed from each step to the next (the feed's
+        state, such as the epoch's order, starting from the argument), and returns the metrics of
+        step first+i in row i of a leading axis of `max_steps` (the rows from `count` on are
+        zeros). The numbers of `count` calls of `compile_step` on those batches, bit for bit on
+        CPU (tests/test_steps_per_call.py)."""
         step = self.map_step(train_step)
 
-        def one(state, data, t):
-            return step(state, batch_of(data, t))
+        def one(state, data, carry, t):
+            batch, carry = batch_of(data, carry, t)
+            state, metrics = step(state, batch)
+            return state, metrics, carry
 
-        def steps(state, data, first, count):
-            shapes = jax.eval_shape(one, state, data, first)[1]
+        def steps(state, data, carry, first, count):
+            shapes = jax.eval_shape(one, state, data, carry, first)[1]
             rows = jax.tree.map(lambda s: jnp.zeros((max_steps, *s.shape), s.dtype), shapes)
 
-            def body(i, carry):
-                state, rows = carry
-                state, metrics = one(state, data, first + i)
-                return state, jax.tree.map(lambda r, m: r.at[i].set(m), rows, metrics)
+            def body(i, loop):
+                state, rows, carry = loop
+                state, metrics, carry = one(state, data, carry, first + i)
+                return state, jax.tree.map(lambda r, m: r.at[i].set(m), rows, metrics), carry
 
-            return jax.lax.fori_loop(0, count, body, (state, rows))
+            state, rows, _ = jax.lax.fori_loop(0, count, body, (state, rows, carry))
+            return state, rows
 
         return jax.jit(steps, out_shardings=(self.state_sharding, self.replicated),
                        donate_argnums=0, compiler_options=self.step_compiler_options)

@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.extend import core as jax_core
 
 from resnet_jax import data, models, optim, parallel, xla_cpu
 from resnet_jax.errors import ConfigError
@@ -223,8 +222,9 @@ class TrainCalls:
 
     `steps_per_call=1`: one compiled call per step on the batch `feed.train_batch(step)` (and
     a second for cutting that batch). K > 1: up to K steps per call (`Backend.compile_steps`),
-    each batch cut inside the call by the feed's own computation, so the host dispatches once
-    per K steps; the same numbers, bit for bit on CPU (tests/test_steps_per_call.py).
+    each batch cut inside the call by the feed's own computation (`DeviceFeed.traced_batches`:
+    the epoch's order drawn once per epoch there too), so the host dispatches once per K steps;
+    the same numbers, bit for bit on CPU (tests/test_steps_per_call.py).
     """
 
     def __init__(self, config, backend: parallel.Backend, train_step, feed):
@@ -233,7 +233,7 @@ class TrainCalls:
         if self.per_call == 1:
             self._step = backend.compile_step(train_step)
         else:
-            batch_of, self._data = traced_batches(feed)
+            batch_of, self._data, self._carry_of = feed.traced_batches()
             self._steps = backend.compile_steps(train_step, batch_of, self.per_call)
 
     def __call__(self, state, first: int, count: int):
@@ -250,24 +250,9 @@ class TrainCalls:
     def _call(self, state, first: int, count: int):
         if self.per_call == 1:
             return self._step(state, self.feed.train_batch(first))
-        return self._steps(state, self._data, first, count)
+        return self._steps(state, self._data, self._carry_of(first), first, count)
 
     def per_step(self, fetched: dict, count: int) -> list[dict]:
         if self.per_call == 1:
             return [fetched]
         return [jax.tree.map(lambda rows: rows[i], fetched) for i in range(count)]
-
-
-def traced_batches(feed):
-    """(batch_of, data): the feed's batch computation `feed.train_batch(step)` as a pure
-    `batch_of(data, step)` of the device arrays it reads (`data`), to be traced into a compiled
-    program. Traced once with the step abstract; the arrays (the training set, its mean, the
-    keys) become arguments of the program rather than constants compiled into it."""
-    closed, shapes = jax.make_jaxpr(feed.train_batch, return_shape=True)(0)
-    tree = jax.tree.structure(shapes)
-
-    def batch_of(data, step):
-        return jax.tree.unflatten(tree, jax_core.jaxpr_as_fun(
-            jax_core.ClosedJaxpr(closed.jaxpr, data))(step))
-
-    return batch_of, list(closed.consts)

@@ -89,10 +89,11 @@ def test_several_steps_per_call_train_what_single_steps_train(tmp_path, monkeypa
 
 @pytest.mark.parametrize("parallelism, seeds", [("pmap", ()), ("jit", (3, 5))])
 def test_calls_of_several_steps_on_two_devices(parallelism, seeds):
-    """The metrics and state of 7 single steps and of calls of 4, 1 and 2 steps on 2 devices,
-    each cutting its share of every batch inside the call: under pmap, and under jit with two
-    seeds in one program."""
-    c = config(parallelism=parallelism, num_devices=2, warmup_until_error=0.0)
+    """The metrics and state of 7 single steps and of calls of 4, 1 and 2 steps, and of 3 and 4,
+    on 2 devices, each cutting its share of every batch inside the call: under pmap, and under
+    jit with two seeds in one program. Epochs of 5 steps: the call of 2 starts the second epoch
+    (its order from the host), the call of 4 crosses into it (its order drawn inside)."""
+    c = config(parallelism=parallelism, num_devices=2, warmup_until_error=0.0, batch_size=256)
     backend = parallel.create_backend(parallelism, c.batch_size, 2, seeds=seeds)
     feed = train.create_feed(c, backend)
     _, initial, train_step = make_training(c, backend, num_classes=10, in_channels=1)
@@ -110,6 +111,8 @@ def test_calls_of_several_steps_on_two_devices(parallelism, seeds):
     state, metrics = run(1, [1] * 7)
     assert np.all(state.step == 7)
     assert_same_leaves(run(4, [4, 1, 2]), (state, metrics))
+    assert_same_leaves(run(4, [3, 4]), (state, metrics))
+    assert feed.steps_per_epoch == 5
     if seeds:  # two seeds, two nets: a mix-up of their rows would show
         assert metrics[-1]["loss"][0] != metrics[-1]["loss"][1]
 

@@ -75,9 +75,18 @@ def test_the_feed_draws_each_epochs_order_once_and_cuts_the_same_batches(seeds):
         want = reference(images, split.labels, mean, backend.stack_runs(keys), step)
         for k in ("image", "label"):
             np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]))
-    traced = jax.jit(feed.train_batch)(jax.numpy.int32(4))  # the path of steps_per_call > 1
-    np.testing.assert_array_equal(np.asarray(traced["label"]),
-                                  np.asarray(feed.train_batch(4)["label"]))
+    # The path of steps_per_call > 1: the carry's order is kept within an epoch and drawn anew
+    # inside the program where a step starts the next one.
+    batch_of, data_, carry_of = feed.traced_batches()
+    run = jax.jit(batch_of)
+    for start, steps in ((0, (0, 1, 2, 3, 4)), (3, (3, 4, 5)), (7, (7, 8))):
+        carry = carry_of(start)
+        for step in steps:
+            traced, carry = run(data_, carry, step)
+            assert int(carry[0]) == step // 2
+            for k in ("image", "label"):
+                np.testing.assert_array_equal(np.asarray(traced[k]),
+                                              np.asarray(feed.train_batch(step)[k]))
 
 
 def test_augmentation_crops_and_flips():
