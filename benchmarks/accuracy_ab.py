@@ -2,6 +2,8 @@
 
     python -m benchmarks.accuracy_ab --dataset=folder:/tmp/cifar10_jpeg --root=/tmp/ab
     python -m benchmarks.accuracy_ab --dataset=digits --root=/tmp/ab-smoke --depth=8 --steps=40
+    python -m benchmarks.accuracy_ab --dataset=folder:/tmp/cifar10_jpeg --root=/tmp/ab-onednn \
+        --cpu_convolution=onednn   # resnet_jax's convolutions through oneDNN on CPU
 
 Parameter counts and one-step equalities do not catch a subtly wrong recipe; two independent
 implementations trained the same way on the same data do. Both sides train a CIFAR ResNet with
@@ -50,6 +52,7 @@ def train_jax(args, seed: int, workdir: pathlib.Path) -> dict:
     config = cifar.get_config(f"depth={args.depth},base_width={args.base_width},"
                               f"dataset={args.dataset},seed={seed}")
     config.update(recipe(args))
+    config.cpu_convolution = args.cpu_convolution
     summary = train.train_and_evaluate(config, str(workdir))
     return {"train/error": summary["train/error"], "test/error": summary["test/error"]}
 
@@ -140,7 +143,9 @@ def report(results: dict, args, seconds: dict) -> str:
                + ("no significant difference at the 5 % level" if test["p"] >= 0.05
                   else "the difference is significant at the 5 % level"))
     return "\n".join([
-        f"# Accuracy A/B: ResNet-{args.depth} (base width {args.base_width}), {args.dataset}",
+        f"# Accuracy A/B: ResNet-{args.depth} (base width {args.base_width}), {args.dataset}"
+        + ("" if args.cpu_convolution == "eigen" else
+           f", resnet_jax's convolutions: {args.cpu_convolution}"),
         "",
         f"{args.steps} iterations of {args.batch_size}, lr {args.lr} divided by 10 at "
         f"{args.steps // 2} and {args.steps * 3 // 4}, momentum 0.9, weight decay 1e-4; "
@@ -164,6 +169,8 @@ def main(argv=None) -> int:
                         help="learning rate, divided by 10 at 1/2 and 3/4 of --steps")
     parser.add_argument("--log_every", type=int, default=50, help="iterations between records")
     parser.add_argument("--seeds", type=int, default=3, help="runs per framework")
+    parser.add_argument("--cpu_convolution", choices=("eigen", "onednn"), default="eigen",
+                        help="resnet_jax's convolutions on CPU (config.cpu_convolution)")
     args = parser.parse_args(argv)
     torch = import_torch("accuracy_ab")
     if torch is None:

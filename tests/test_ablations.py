@@ -366,6 +366,14 @@ def test_the_normfree_study_declares_batch_norm_against_none_under_each_init():
     deep = [c for c in configs if c.depth == 110]
     assert {(c.learning_rate, c.warmup_until_error, c.total_steps) for c in deep} == {
         (0.02, 80.0, 400)}
+    # The study's command sets the papers' rate for every variant, the warm-up's tenth with it.
+    faster = [r.build() for r in normfree.get_sweep(
+        "preset=digits,seeds=3,learning_rate=0.1").runs]
+    assert {(c.learning_rate, c.warmup_learning_rate) for c in faster} == {(0.1, 0.01)}
+    assert [(c.depth, c.residual, c.norm, c.residual_init, c.seed) for c in faster] == [
+        (c.depth, c.residual, c.norm, c.residual_init, c.seed) for c in configs]
+    with pytest.raises(ValueError, match="learning_rate=-0.1: use a positive rate"):
+        normfree.get_sweep("learning_rate=-0.1")
 
 
 @pytest.mark.parametrize("arg, overrides", [

@@ -124,12 +124,18 @@ PRESETS = {
 
 
 def study_arg(arg: str | None) -> tuple[str, Preset, str, int]:
-    """A study sweep file's argument, 'preset=NAME,dataset=D,seeds=N' (each optional: digits,
-    the preset's dataset and seeds) -> (preset name, preset, dataset, seeds)."""
-    a = parse_arg(arg, preset="digits", dataset="", seeds=0)
+    """A study sweep file's argument, 'preset=NAME,dataset=D,seeds=N,learning_rate=LR' (each
+    optional: digits, the preset's dataset, seeds and learning rate) -> (preset name, preset,
+    dataset, seeds). A learning rate replaces the preset's, the warm-up's tenth of it included."""
+    a = parse_arg(arg, preset="digits", dataset="", seeds=0, learning_rate=0.0)
     if a["preset"] not in PRESETS:
         raise ValueError(f"unknown preset {a['preset']!r}: use one of {', '.join(PRESETS)}")
     if a["seeds"] < 0:
         raise ValueError(f"seeds={a['seeds']}: use 1 or more (0: the preset's)")
+    if a["learning_rate"] < 0:
+        raise ValueError(f"learning_rate={a['learning_rate']}: use a positive rate (0: the "
+                         "preset's)")
     preset = PRESETS[a["preset"]]
+    if a["learning_rate"]:
+        preset = dataclasses.replace(preset, learning_rate=a["learning_rate"])
     return a["preset"], preset, a["dataset"] or preset.dataset, a["seeds"] or preset.seeds
