@@ -4,6 +4,8 @@
     python -m benchmarks.accuracy_ab --dataset=digits --root=/tmp/ab-smoke --depth=8 --steps=40
     python -m benchmarks.accuracy_ab --dataset=folder:/tmp/cifar10_jpeg --root=/tmp/ab-onednn \
         --cpu_convolution=onednn   # resnet_jax's convolutions through oneDNN on CPU
+    python -m benchmarks.accuracy_ab ... --against=benchmarks/results/accuracy_ab/accuracy_ab.json
+                                       # PyTorch's runs of the same recipe read, not retrained
 
 Parameter counts and one-step equalities do not catch a subtly wrong recipe; two independent
 implementations trained the same way on the same data do. Both sides train a CIFAR ResNet with
@@ -17,7 +19,9 @@ initialisation and data order), so the comparison is between distributions: per 
 final test error over `--seeds` runs, and Welch's t-test on the difference.
 
 Rerunning with the same --root finishes what is missing (finished runs are read back). Writes
-ROOT/accuracy_ab.json and ROOT/accuracy_ab.md. Needs PyTorch: pip install -e '.[torch]'.
+ROOT/accuracy_ab.json and ROOT/accuracy_ab.md. `--against=FILE` takes the PyTorch side from an
+earlier accuracy_ab.json of the same recipe (every argument but --root and --cpu_convolution the
+same) instead of training it again: PyTorch's runs do not depend on resnet_jax's settings. Needs PyTorch: pip install -e '.[torch]'.
 """
 
 from __future__ import annotations
@@ -171,7 +175,22 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="runs per framework")
     parser.add_argument("--cpu_convolution", choices=("eigen", "onednn"), default="eigen",
                         help="resnet_jax's convolutions on CPU (config.cpu_convolution)")
+    parser.add_argument("--against", help="an earlier accuracy_ab.json of the same recipe: its "
+                        "PyTorch runs instead of training them again")
     args = parser.parse_args(argv)
+    against = None
+    if args.against:
+        try:
+            against = json.loads(pathlib.Path(args.against).read_text())
+        except (OSError, ValueError) as e:
+            parser.error(f"--against={args.against}: cannot read it as an accuracy_ab.json ({e})")
+        free = ("root", "cpu_convolution", "against")
+        theirs = {k: v for k, v in against.get("args", {}).items() if k not in free}
+        ours = {k: v for k, v in vars(args).items() if k not in free}
+        if theirs != ours:
+            differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+            parser.error(f"--against={args.against} ran another recipe ({', '.join(differ)} "
+                         "differ): pass the same arguments, or leave --against out")
     torch = import_torch("accuracy_ab")
     if torch is None:
         return 2
@@ -190,6 +209,10 @@ def main(argv=None) -> int:
         return 2
     results = saved.get("results", {"resnet_jax": {}, "pytorch": {}})
     seconds = saved.get("seconds", {})
+    if against is not None:  # read, not trained: at most --seeds of them, as trained ones would be
+        results["pytorch"] = {k: v for k, v in against["results"]["pytorch"].items()
+                              if int(k) < args.seeds}
+        seconds["pytorch"] = against.get("seconds", {}).get("pytorch", 0)
     ds = data.load(args.dataset)
 
     def save():
@@ -209,7 +232,9 @@ def main(argv=None) -> int:
             seconds[name] = seconds.get(name, 0) + time.perf_counter() - start
             print(f"{name} seed {seed}: {results[name][str(seed)]}", flush=True)
             save()
-    text = report(results, args, seconds)
+    text = report(results, args, seconds) + (
+        f"\nThe PyTorch runs are read from {args.against}, not trained again.\n"
+        if args.against else "")
     (root / "accuracy_ab.md").write_text(text)
     print(text)
     return 0

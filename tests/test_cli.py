@@ -1101,3 +1101,20 @@ def test_eval_on_another_dataset_keeps_the_runs_preprocessing(tmp_path, capsys):
     assert result["test/error"] == pytest.approx(
         json.loads((workdir / "summary.json").read_text())["test/error"], abs=1e-6)
     assert result["test/loss"] == pytest.approx(metrics(workdir)[-1]["test/loss"], abs=1e-6)
+
+
+@pytest.mark.parametrize("against, message", [
+    ("missing.json", "cannot read it as an accuracy_ab.json"),
+    ("benchmarks/results/accuracy_ab/accuracy_ab.json", "ran another recipe (dataset differ)")])
+def test_accuracy_ab_against_another_recipe_is_one_line(capsys, tmp_path, against, message):
+    """--against reads PyTorch's runs of the same recipe only; anything else stops before a
+    run starts, nothing written."""
+    from benchmarks import accuracy_ab
+
+    with pytest.raises(SystemExit) as exit_:
+        accuracy_ab.main(["--dataset=digits", f"--root={tmp_path / 'ab'}",
+                          f"--against={REPO / against if '/' in against else tmp_path / against}"])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and out == "" and len(err.splitlines()) == 1, err
+    assert message in err and err.startswith("accuracy_ab: error: --against="), err
+    assert list(tmp_path.iterdir()) == []
