@@ -19,8 +19,7 @@ import pytest
 from resnet_jax import rundir
 from tests.test_distributed import free_port
 from tests.test_experiments import alive, child_pids, sweep_file
-from tests.test_faults import (REPO, checkpoint_steps, command, env, last_stderr_line, start,
-                               train)
+from tests.test_faults import REPO, checkpoint_steps, command, env, last_stderr_line, train
 
 
 def wait_for_line(proc, text):
@@ -31,20 +30,39 @@ def wait_for_line(proc, text):
     raise AssertionError(f"{text!r} never printed: {proc.communicate()}")
 
 
+# `resnet-jax ARGS...` that, once restored, waits before its training loop for up to 10 minutes
+# (Training.evaluate_lost_final_records is the last thing before the loop): a signal sent after
+# its line lands in that window however busy the cores are.
+HELD_BEFORE_THE_LOOP = [sys.executable, "-c", (
+    "import runpy, time\n"
+    "from resnet_jax import train\n"
+    "original = train.Training.evaluate_lost_final_records\n"
+    "def held(self):\n"
+    "    original(self)\n"
+    "    print('held before the training loop', flush=True)\n"
+    "    time.sleep(600)\n"
+    "train.Training.evaluate_lost_final_records = held\n"
+    "runpy.run_module('resnet_jax.main', run_name='__main__', alter_sys=True)\n")]
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP, signal.SIGTERM],
                          ids=["SIGINT", "SIGHUP", "SIGTERM"])
 def test_a_stop_signal_before_the_training_loop_is_one_line_and_its_exit_status(tmp_path,
                                                                                 signum):
     """Ctrl-C, a closed terminal or a preemption notice while a run starts up (here: as it
-    resumes, between restoring and compiling) stops it at once with its line, exit 128 + the
+    resumes, after restoring and before the loop) stops it at once with its line, exit 128 + the
     signal, and leaves the run as it was: the rerun resumes from the same checkpoint. Before,
     SIGHUP and SIGTERM ended the run without a word, and a SIGINT in that window was lost in a
-    callback of JAX's or ended in a segmentation fault."""
+    callback of JAX's or ended in a segmentation fault. The run is held in that window until
+    the signal comes (`HELD_BEFORE_THE_LOOP`): on busy cores a run left to go on had reached its
+    loop before the signal arrived."""
     workdir = tmp_path / "run"
     first = train(workdir, "--config.total_steps=10")
     assert first.returncode == 0, first.stderr
-    proc = start(workdir)
+    proc = subprocess.Popen(HELD_BEFORE_THE_LOOP + command(workdir)[3:], cwd=REPO, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_line(proc, "resuming from step 10")
+    wait_for_line(proc, "held before the training loop")
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signum, err
