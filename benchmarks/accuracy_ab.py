@@ -21,7 +21,8 @@ final test error over `--seeds` runs, and Welch's t-test on the difference.
 Rerunning with the same --root finishes what is missing (finished runs are read back). Writes
 ROOT/accuracy_ab.json and ROOT/accuracy_ab.md. `--against=FILE` takes the PyTorch side from an
 earlier accuracy_ab.json of the same recipe (every argument but --root and --cpu_convolution the
-same) instead of training it again: PyTorch's runs do not depend on resnet_jax's settings. Needs PyTorch: pip install -e '.[torch]'.
+same) instead of training it again: PyTorch's runs do not depend on resnet_jax's settings.
+Needs PyTorch: pip install -e '.[torch]'.
 """
 
 from __future__ import annotations

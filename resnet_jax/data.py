@@ -610,7 +610,9 @@ class DeviceFeed:
         `step`, from the order kept on the host."""
         n = self.steps_per_epoch
         epoch0 = jax.numpy.int32(0)
-        batch_fn, batch_data = pure(self.train_batch, epoch0, self.epoch_order(0))
+        # Traced with the order's shape only: no permutation is drawn to build the program.
+        order = jax.eval_shape(self.draw_order, epoch0)
+        batch_fn, batch_data = pure(self.train_batch, epoch0, order)
         order_fn, order_data = pure(self.draw_order, epoch0)
 
         def batch_of(data, carry, step):
