@@ -3,10 +3,11 @@
     python -m experiments.report --root=runs/degradation-digits
     python -m experiments.report --root=DIR --by=depth,shortcut --metric=val/error
     python -m experiments.report --root=DIR --x=depth --panels=residual --title="Fig. 6, digits"
+    python -m experiments.report --root=DIR --gap=depth:20,56
 
 Reads ROOT/<run>/ (config.json, metrics.jsonl, summary.json, failure.json) of a finished or a
 partial sweep and ROOT/sweep.json's `report` section (`by`, `x`, `panels`, `metric`, `title`,
-`reference`), which the flags override. Defaults: `by` = the config keys whose values differ
+`gap`, `reference`), which the flags override. Defaults: `by` = the config keys whose values differ
 between the runs except the seed and keys that follow from those before them in the config (the
 warm-up steps of a depth); `metric` = test/error; `x` = the first `by` key with numeric values;
 no panels. Writes into ROOT:
@@ -17,7 +18,10 @@ no panels. Writes into ROOT:
       apart and left out of every statistic, the failed runs with their reasons, the unfinished
       ones. A reference (sweep.json) marked comparable stands beside the statistic of the same
       kind (mean +- std of n beside our mean, best of n beside our best), else in a section of
-      its own, marked not comparable.
+      its own, marked not comparable. With `gap` KEY:A,B (a `by` key and two of its values),
+      the gap over iterations: for each combination of the other `by` keys, at every step where
+      all their converged runs have the metric, the training error and the metric of KEY=A and
+      of KEY=B (mean +- std over runs) and B's mean minus A's (when does the deeper net pass?).
   report_<metric>.png/.pdf  the metric against `x`, one line per combination of the other `by`
       keys, error bars one std, each converged run a faint point (x: not converged).
   curves.png/.pdf  training curves as in He et al. 2015, Fig. 6: training error dashed, the
@@ -35,6 +39,7 @@ import json
 import pathlib
 import re
 import shutil
+import statistics
 import struct
 import sys
 
@@ -83,7 +88,8 @@ def _well_formed(sweep) -> bool:
     report = sweep.get("report") or {}
     by, reference = report.get("by") or [], report.get("reference") or {}
     rows = reference.get("rows") or [] if isinstance(reference, dict) else None
-    return (all(isinstance(report.get(k) or "", str) for k in ("x", "panels", "metric", "title"))
+    return (all(isinstance(report.get(k) or "", str)
+                for k in ("x", "panels", "metric", "title", "gap"))
             and (isinstance(by, str) or isinstance(by, list)
                  and all(isinstance(k, str) for k in by))
             and isinstance(rows, list)
@@ -178,6 +184,85 @@ def table(groups: list[tuple[dict, list[dict]]], metric: str, reference: dict | 
                     "reference_std": entry.get("std"), "reference_best": entry.get("best")}
         rows.append(row)
     return rows
+
+
+def parse_gap(flag: str, gap: str, by: list[str], groups) -> tuple[str, object, object]:
+    """KEY:A,B -> (KEY, A's value, B's value) as the runs hold them; KEY must be a `by` key and A
+    and B two of its values."""
+    key, _, pair = gap.partition(":")
+    values = pair.split(",")
+    if not key or len(values) != 2 or not all(values):
+        raise ReportError(f"{flag}={gap} is not KEY:A,B: name a --by key and two of its values, "
+                          "such as depth:20,56")
+    _check_key(flag, key, by, "one of the keys the runs are grouped by (--by)")
+    present = {text(v[key]): v[key] for v, _ in groups}
+    for value in values:
+        if value not in present:
+            raise ReportError(f"{flag}={gap}: no finished run has {key}={value}: use two of "
+                              + ", ".join(text(v) for v in sorted(present.values(), key=sort_key)))
+    return key, present[values[0]], present[values[1]]
+
+
+def gap_tables(groups, key: str, a, b, metric: str) -> list[dict]:
+    """For each combination of the other `by` keys with runs at both KEY=a and KEY=b: at every
+    step where every converged run of both has `metric`, the mean and std over runs of the
+    training error and of the metric at a and at b, and b's mean minus a's."""
+    by_rest = {}
+    for values, group in groups:
+        rest = tuple((k, hashable(v)) for k, v in values.items() if k != key)
+        by_rest.setdefault(rest, {})[hashable(values[key])] = (values, group)
+    tables = []
+    for side in by_rest.values():
+        if hashable(a) not in side or hashable(b) not in side:
+            continue
+        pair = [[r for r in side[hashable(v)][1] if converged(r)] for v in (a, b)]
+        if not all(pair):
+            continue
+        at = [[{c["step"]: c for c in r["curve"] if metric in c and "train/error" in c}
+               for r in runs] for runs in pair]
+        steps = sorted(set.intersection(*(set(curve) for runs in at for curve in runs)))
+        rows = []
+        for step in steps:
+            row = {"step": step}
+            for name in ("train/error", metric):
+                prefix = "train" if name == "train/error" else "metric"
+                for side_name, curves in zip("ab", at):
+                    values = [curve[step][name] for curve in curves]
+                    row[f"{prefix}_{side_name}_mean"] = statistics.fmean(values)
+                    row[f"{prefix}_{side_name}_std"] = (statistics.stdev(values)
+                                                        if len(values) > 1 else None)
+                row[f"{prefix}_gap"] = row[f"{prefix}_b_mean"] - row[f"{prefix}_a_mean"]
+            rows.append(row)
+        where = {k: v for k, v in side[hashable(a)][0].items() if k != key}
+        tables.append({"where": where, "runs": [len(runs) for runs in pair], "rows": rows})
+    return tables
+
+
+def gap_markdown(tables: list[dict], key: str, a, b, metric: str) -> list[str]:
+    name = metric_label(metric)
+    lines = ["", f"## The gap over iterations: {key}={text(b)} minus {key}={text(a)}", "",
+             f"Mean +- std over the converged runs at each step where all of them have the "
+             f"{name.removesuffix(' %')}; training error as logged there (the mean over the "
+             "batches since the last log)."]
+    if not tables:
+        return lines + ["", f"No combination of the other keys has converged runs at both "
+                        f"{key}={text(a)} and {key}={text(b)}."]
+    for t in tables:
+        n_a, n_b = t["runs"]
+        head = [f"train error %, {key}={text(a)} (n={n_a})", f"{key}={text(b)} (n={n_b})",
+                f"{text(b)} minus {text(a)}", f"{name}, {key}={text(a)}", f"{key}={text(b)}",
+                f"{text(b)} minus {text(a)}"]
+        lines += ["", f"**{label(t['where'])}**" if t["where"] else "**all runs**", "",
+                  "| iterations | " + " | ".join(head) + " |", "|---:" * 7 + "|"]
+        for r in t["rows"]:
+            cells = [f"{r['step']:,}"]
+            for prefix in ("train", "metric"):
+                for side in "ab":
+                    mean, std = r[f"{prefix}_{side}_mean"], r[f"{prefix}_{side}_std"]
+                    cells.append(f"{mean:.2f}" + (f" +- {std:.2f}" if std is not None else ""))
+                cells.append(f"{r[f'{prefix}_gap']:+.2f}")
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def reference_cells(entry: dict) -> tuple[str, str]:
@@ -452,7 +537,8 @@ def _check_key(flag: str, key: str, allowed: list[str], what: str) -> None:
                           f"{', '.join(allowed) or '(none)'}")
 
 
-def report(root, *, by=None, metric=None, x=None, panels=None, title=None) -> list[dict]:
+def report(root, *, by=None, metric=None, x=None, panels=None, title=None,
+           gap=None) -> list[dict]:
     """Writes report.md/.csv/.json, report_<metric>.png/.pdf, curves.png/.pdf and the HParams of
     the runs under `root` and prints report.md; the table's rows. Arguments left None come from
     ROOT/sweep.json's `report` section, else the defaults (module docstring). Bad input (a
@@ -487,6 +573,7 @@ def report(root, *, by=None, metric=None, x=None, panels=None, title=None) -> li
 
     (by, by_from), (metric, metric_from) = option("by", by), option("metric", metric)
     (x, x_from), (panels, panels_from) = option("x", x), option("panels", panels)
+    gap, gap_from = option("gap", gap)
     by = by.split(",") if isinstance(by, str) else by
     by = [k for k in by if k] if by is not None else default_by([r["flat"] for r in configured])
     for key in by:
@@ -495,9 +582,10 @@ def report(root, *, by=None, metric=None, x=None, panels=None, title=None) -> li
                and all(is_number(r["summary"].get(k)) for r in finished)]
     metric = metric or DEFAULT_METRIC
     _check_key(metric_from, metric, metrics, "in every finished run's summary.json")
-    if by_from.startswith("--"):  # sweep.json's x and panels belong to its own `by`
+    if by_from.startswith("--"):  # sweep.json's x, panels and gap belong to its own `by`
         x, panels = (key if key_from.startswith("--") or key in by else None
                      for key, key_from in ((x, x_from), (panels, panels_from)))
+        gap = gap if gap_from.startswith("--") or (gap or "").partition(":")[0] in by else None
     x = x or next((k for k in by if all(is_number(r["flat"].get(k)) for r in finished)), None)
     for flag, key in ((x_from, x), (panels_from, panels)):
         if key:
@@ -514,6 +602,12 @@ def report(root, *, by=None, metric=None, x=None, panels=None, title=None) -> li
               sorted(grouped.items(), key=lambda item: [sort_key(v) for v in item[0]])]
     rows = table(groups, metric, reference)
     md = markdown(title, rows, by, metric, sweep, runs, reference)
+    gaps = None
+    if gap:
+        key, a, b = parse_gap(gap_from, gap, by, groups)
+        gaps = {"key": key, "from": a, "to": b,
+                "tables": gap_tables(groups, key, a, b, metric)}
+        md += "\n".join(gap_markdown(gaps["tables"], key, a, b, metric)) + "\n"
     write_atomically(root / "report.md", md)
     write_atomically(root / "report.csv", csv_text(rows))
     write_atomically(root / "report.json", json.dumps({
@@ -526,7 +620,7 @@ def report(root, *, by=None, metric=None, x=None, panels=None, title=None) -> li
         "failed_runs": {r["name"]: r["reason"] for r in runs if r["state"] == "failed"},
         "unfinished_runs": {r["name"]: progress(r) for r in runs
                             if r["state"] in ("unfinished", "not started")},
-        "reference": reference}, indent=2) + "\n")
+        "reference": reference, "gap": gaps}, indent=2) + "\n")
     if x:
         plot_metric(groups, rows, x, metric, root, title)
     plot_curves(groups, panels, metric, root, title)
@@ -548,11 +642,15 @@ def main(argv=None) -> int:
                         "(default: sweep.json's, else one panel)")
     parser.add_argument("--title", help="table and figure title (default: sweep.json's, else "
                         "ROOT's name, the metric and the keys)")
+    parser.add_argument("--gap", help="KEY:A,B (a --by key and two of its values, such as "
+                        "depth:20,56): B minus A in training error and the metric at each "
+                        "evaluated step, per combination of the other keys (default: "
+                        "sweep.json's, else none)")
     args = parser.parse_args(argv)
 
     try:
         report(args.root, by=args.by, metric=args.metric, x=args.x, panels=args.panels,
-               title=args.title)
+               title=args.title, gap=args.gap)
     except (ReportError, ConfigError) as e:
         print(f"report: error: {e}", file=sys.stderr)
         return 2

@@ -112,6 +112,47 @@ def test_table_holds_each_groups_statistics_over_the_converged_runs(sweep):
     assert "| depth=56,residual=true,seed=4 | 4 | 88.50 | 90.00 |" in apart
 
 
+def test_gap_over_iterations_between_two_values_of_a_key(sweep):
+    report_module.report(sweep, by=["residual", "depth"], gap="depth:20,56")
+    saved = json.loads((sweep / "report.json").read_text())["gap"]
+    assert (saved["key"], saved["from"], saved["to"]) == ("depth", 20, 56)
+    assert [t["where"] for t in saved["tables"]] == [{"residual": False}, {"residual": True}]
+    for t in saved["tables"]:
+        residual = t["where"]["residual"]
+        a, b = ERRORS[20, residual], ERRORS[56, residual]
+        # The run that did not train (ResNet-56 seed 4) is left out, as in the table.
+        assert t["runs"] == [4, 4]
+        assert [r["step"] for r in t["rows"]] == [10, 20]  # where the test error was evaluated
+        for r in t["rows"]:
+            after = 20 - r["step"]  # make_run's curves fall to the final errors by step 20
+            assert r["metric_a_mean"] == pytest.approx(np.mean(a) + after)
+            assert r["metric_b_std"] == pytest.approx(np.std(b, ddof=1))
+            assert r["train_b_mean"] == pytest.approx(np.mean(b) - 2 + after)
+            assert r["train_gap"] == pytest.approx(np.mean(b) - np.mean(a))
+            assert r["metric_gap"] == pytest.approx(np.mean(b) - np.mean(a))
+    md = (sweep / "report.md").read_text()
+    section = md.split("## The gap over iterations: depth=56 minus depth=20")[1]
+    residual = section.split("**residual=true**")[1]
+    gap = np.mean(ERRORS[56, True]) - np.mean(ERRORS[20, True])
+    line = next(x for x in residual.splitlines() if x.startswith("| 20 |"))
+    assert cells(line)[3] == cells(line)[6] == f"{gap:+.2f}"
+    assert cells(line)[4] == (f"{np.mean(ERRORS[20, True]):.2f} +- "
+                              f"{np.std(ERRORS[20, True], ddof=1):.2f}")
+
+
+def test_gap_from_sweep_json_and_its_one_run_sides(tmp_path):
+    make_run(tmp_path, 20, True, 0, train=10.0, test=12.0)
+    make_run(tmp_path, 56, True, 0, train=8.0, test=9.5)
+    write_sweep(tmp_path, {"gap": "depth:20,56"})
+    report_module.report(tmp_path)
+    [t] = json.loads((tmp_path / "report.json").read_text())["gap"]["tables"]
+    assert t["where"] == {} and t["runs"] == [1, 1]
+    assert t["rows"][-1]["metric_gap"] == pytest.approx(-2.5)
+    assert t["rows"][-1]["metric_a_std"] is None
+    assert "| 20 | 10.00 | 8.00 | -2.00 | 12.00 | 9.50 | -2.50 |" in (
+        tmp_path / "report.md").read_text()
+
+
 def test_by_defaults_to_the_keys_that_vary_seed_and_following_keys_aside(tmp_path):
     """Depth 110 warms up (cifar.py: warmup_steps, warmup_until_error follow the depth): those
     keys vary too, but group nothing the depth does not."""
@@ -325,6 +366,12 @@ def outputs(root):
                                       "summary.json: use one of train/error, train/loss, "
                                       "test/error, val/error"),
     ("sweep.json by", [], "sweep.json's report.by=wdith is not a config key"),
+    ("gap key", ["--gap=depht:20,56"], "--gap=depht is not one of the keys the runs are grouped "
+                                       "by (--by): use one of depth, residual"),
+    ("gap value", ["--gap=depth:20,110"], "--gap=depth:20,110: no finished run has depth=110: "
+                                          "use two of 20, 56"),
+    ("gap form", ["--gap=depth"], "--gap=depth is not KEY:A,B: name a --by key and two of its "
+                                  "values, such as depth:20,56"),
     ("missing root", ["--root=/nonexistent/sweep"], "--root=/nonexistent/sweep is no directory"),
     ("config.json", [], "config.json is cut short or not JSON"),
     ("summary.json", [], "summary.json is cut short or not JSON"),
