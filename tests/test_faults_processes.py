@@ -9,6 +9,7 @@ test waits for a line the process prints at the moment wanted, then causes it.
 import fcntl
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 
 from resnet_jax import rundir
 from tests.test_distributed import free_port
-from tests.test_experiments import alive, child_pids, sweep_file
+from tests.test_experiments import sweep_file
 from tests.test_faults import REPO, checkpoint_steps, command, env, last_stderr_line, train
 
 
@@ -79,6 +80,29 @@ def test_a_stop_signal_before_the_training_loop_is_one_line_and_its_exit_status(
 
 
 # --- Sweeps -----------------------------------------------------------------------------------
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc: Linux)."""
+    out = []
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` is still a `resnet-jax train` process (not a zombie, not a reused pid)."""
+    try:
+        state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z" and b"resnet_jax.main" in pathlib.Path(f"/proc/{pid}/cmdline"
+                                                                     ).read_bytes()
+    except OSError:
+        return False
 
 
 def start_sweep(spec, root, *flags):
@@ -157,12 +181,14 @@ def test_partial_sweeps_share_a_root_that_a_whole_sweep_holds_alone(tmp_path):
             WorkdirLock(tmp_path, user="sweep", shared=True)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGHUP], ids=["kill-9", "SIGHUP"])
-def test_a_killed_sweep_takes_its_runs_with_it(tmp_path, signum):
-    """kill -9 of a sweep of several processes, or SIGHUP (its terminal closed): each run
-    checkpoints and stops (the kernel sends it SIGTERM once the sweep is gone; a SIGHUP the
-    sweep passes on), instead of training on with no sweep to report it. Before, the runs were
-    left training, re-parented to PID 1."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP, signal.SIGKILL],
+                         ids=["SIGINT", "SIGHUP", "kill-9"])
+def test_a_stopped_sweep_takes_its_runs_with_it(tmp_path, signum):
+    """Ctrl-C (SIGINT), a closed terminal (SIGHUP) or kill -9 of a sweep of several processes:
+    each run checkpoints and stops, instead of training on with no sweep to report it. SIGINT
+    and SIGHUP the sweep passes on and waits for its runs, then ends with 128 + the signal;
+    after kill -9 the kernel sends each run SIGTERM. Before, a killed sweep's runs were left
+    training, re-parented to PID 1."""
     spec = sweep_file(tmp_path / "s.py", "[Run(f'depth=8,dataset=digits,seed={s}', "
                       "{'total_steps': 100000, 'batch_size': 32, 'log_every_steps': 5, "
                       "'eval_every_steps': 100000, 'checkpoint_every_steps': 100000}) "
@@ -180,14 +206,19 @@ def test_a_killed_sweep_takes_its_runs_with_it(tmp_path, signum):
         assert len(children) == 2
         sweep.send_signal(signum)
         _, err = sweep.communicate(timeout=300)
+        if signum != signal.SIGKILL:  # the sweep waited for its runs
+            assert not [pid for pid in children if alive(pid)]
         deadline = time.monotonic() + 300  # a hang guard: they stop within seconds
         while [pid for pid in children if alive(pid)]:
             assert time.monotonic() < deadline, "runs left training after their sweep ended"
             time.sleep(0.1)
-        if signum == signal.SIGHUP:
-            assert sweep.returncode == 129, err
-            assert "was hung up (exit 129)" in err.strip().splitlines()[-1]
-        stop = "hung up (SIGHUP)" if signum == signal.SIGHUP else "preempted (SIGTERM)"
+        if signum != signal.SIGKILL:
+            what = "interrupted" if signum == signal.SIGINT else "hung up"
+            assert sweep.returncode == 128 + signum, err
+            assert "Traceback" not in err
+            assert f"was {what} (exit {128 + signum})" in err.strip().splitlines()[-1]
+        stop = {signal.SIGINT: "interrupted (SIGINT)", signal.SIGHUP: "hung up (SIGHUP)",
+                signal.SIGKILL: "preempted (SIGTERM)"}[signum]
         for d in dirs:
             assert f"{stop} at step" in (d / "log.txt").read_text()
             assert any(p.name.isdigit() for p in (d / "checkpoints").iterdir())
@@ -196,9 +227,6 @@ def test_a_killed_sweep_takes_its_runs_with_it(tmp_path, signum):
         for pid in children:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
-
-
-# --- The processes of one job -----------------------------------------------------------------
 
 
 def start_job(workdir, *overrides, overrides_of_process_1=(), port=None):
