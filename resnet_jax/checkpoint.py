@@ -228,6 +228,21 @@ LOCKS = {"trainer": (TRAIN_LOCK, "workdir {dir} is in use by another trainer ({h
                    "end, or give this sweep a --root of its own")}
 
 
+def _written_holder(file) -> str:
+    """Who holds a lock file, as its holder wrote it into the file."""
+    file.seek(0)
+    return file.read().strip() or "pid unknown"
+
+
+def _in_every_process(holder: str, who: str) -> str:
+    """Process 0's answer (its lock's holder, or "") in every process, so that every process
+    stops, not only process 0."""
+    if jax.process_count() > 1:
+        busy = multihost_utils.broadcast_one_to_all(np.int32(bool(holder)))
+        holder = holder or (f"{who} (see process 0's log)" if busy else "")
+    return holder
+
+
 class WorkdirLock:
     """Holds `WORKDIR/train.lock` for a run's life: a second trainer on the workdir is refused,
     with the first one's pid and host, instead of both writing every step twice. A sweep holds
@@ -253,9 +268,7 @@ class WorkdirLock:
         self._mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         if jax.process_index() == 0:
             holder = self._acquire(self._mode)
-        if jax.process_count() > 1:  # every process stops, not only process 0
-            busy = multihost_utils.broadcast_one_to_all(np.int32(bool(holder)))
-            holder = holder or (f"another {user} (see process 0's log)" if busy else "")
+        holder = _in_every_process(holder, f"another {user}")
         if holder:
             raise WorkdirBusy(refusal.format(dir=workdir, holder=holder))
 
@@ -272,7 +285,7 @@ class WorkdirLock:
             try:
                 fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                return file.read().strip() or "pid unknown"
+                return _written_holder(file)
             except OSError:  # a file system without locks: nothing to learn
                 return ""
         return ""
@@ -283,10 +296,8 @@ class WorkdirLock:
         try:
             fcntl.flock(file, mode | fcntl.LOCK_NB)
         except BlockingIOError:
-            file.seek(0)
-            holder = file.read().strip() or "pid unknown"
-            file.close()
-            return holder
+            with file:
+                return _written_holder(file)
         except OSError as e:
             file.close()
             print(f"warning: cannot lock {self.path} ({e.strerror}): nothing keeps a second "
@@ -302,10 +313,8 @@ class WorkdirLock:
         """Raises WorkdirBusy, in every process, when the lock file is no longer the one
         process 0 locked and another trainer holds the new one; a deleted file is locked again
         (with a warning)."""
-        holder = self._retake() if jax.process_index() == 0 else ""
-        if jax.process_count() > 1:  # every process stops, not only process 0
-            lost = multihost_utils.broadcast_one_to_all(np.int32(bool(holder)))
-            holder = holder or ("another trainer (see process 0's log)" if lost else "")
+        holder = _in_every_process(self._retake() if jax.process_index() == 0 else "",
+                                   "another trainer")
         if holder:
             raise WorkdirBusy(f"{self.path} was deleted and another trainer took the workdir "
                               f"({holder}): this one stops here, writing nothing more; let the "

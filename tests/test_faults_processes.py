@@ -260,6 +260,24 @@ def test_processes_of_one_job_with_different_configs_all_stop_before_writing(tmp
     assert not workdir.exists()
 
 
+def test_a_workdir_in_use_stops_every_process_of_a_job(tmp_path):
+    """A job of 2 processes on a workdir another trainer holds: only process 0 takes the lock,
+    and both stop with one line and exit 2 (process 1 pointing to process 0's), not process 0
+    alone with process 1 waiting in its first collective."""
+    workdir = tmp_path / "run"
+    with hold_lock(workdir / rundir.TRAIN_LOCK, "pid 4242 on elsewhere\n"):
+        job = start_job(workdir, "--config.total_steps=10")
+        ends = [proc.communicate(timeout=600) for proc in job]
+    refusal = (f"resnet-jax: error: workdir {workdir} is in use by another trainer ({{}}): "
+               "wait for it to end, or use a new --workdir")
+    for proc, (_, err), holder in zip(job, ends, ["pid 4242 on elsewhere",
+                                                  "another trainer (see process 0's log)"]):
+        assert proc.returncode == 2, err
+        assert last_stderr_line(err) == refusal.format(holder), err
+        assert "Traceback" not in err
+    assert sorted(p.name for p in workdir.iterdir()) == [rundir.TRAIN_LOCK]
+
+
 def test_a_process_whose_peer_dies_says_so_in_one_line_and_the_rerun_resumes(tmp_path):
     """kill -9 of one process's trainer (as the OOM killer or a crash ends it): the other
     process stops at once with one line naming it, exit status 75, its stderr (Gloo's error,
