@@ -55,6 +55,12 @@ def converged(run: dict) -> bool:
     return run["summary"].get("converged", True)
 
 
+def spread(values: list[float]) -> tuple[float | None, float | None]:
+    """(mean, std) of `values`: None for the mean of none and the std of fewer than 2."""
+    return (statistics.fmean(values) if values else None,
+            statistics.stdev(values) if len(values) > 1 else None)
+
+
 def group_statistics(group: list[dict], metric: str = "test/error") -> dict:
     """Over the finished runs of one group that converged: mean, std (None below 2 runs), median
     and best (lowest) of the final `metric`, and of the training error. The runs that did not
@@ -65,8 +71,8 @@ def group_statistics(group: list[dict], metric: str = "test/error") -> dict:
            "not_converged_seeds": [r["seed"] for r in group if not converged(r)]}
     for prefix, key in (("", metric), ("train_", "train/error")):
         values = [r["summary"][key] for r in ok]
-        row |= {f"{prefix}mean": statistics.fmean(values) if values else None,
-                f"{prefix}std": statistics.stdev(values) if len(values) > 1 else None,
+        mean, std = spread(values)
+        row |= {f"{prefix}mean": mean, f"{prefix}std": std,
                 f"{prefix}median": statistics.median(values) if values else None}
     row["best"] = min((r["summary"][metric] for r in ok), default=None)
     return row

@@ -39,11 +39,11 @@ import json
 import pathlib
 import re
 import shutil
-import statistics
 import struct
 import sys
 
-from experiments.common import converged, group_statistics, mean_std, not_converged, read_runs
+from experiments.common import (converged, group_statistics, mean_std, not_converged, read_runs,
+                                spread)
 from resnet_jax import rundir
 from resnet_jax.cli import ArgumentParser
 from resnet_jax.errors import ConfigError
@@ -224,13 +224,10 @@ def gap_tables(groups, key: str, a, b, metric: str) -> list[dict]:
         rows = []
         for step in steps:
             row = {"step": step}
-            for name in ("train/error", metric):
-                prefix = "train" if name == "train/error" else "metric"
-                for side_name, curves in zip("ab", at):
-                    values = [curve[step][name] for curve in curves]
-                    row[f"{prefix}_{side_name}_mean"] = statistics.fmean(values)
-                    row[f"{prefix}_{side_name}_std"] = (statistics.stdev(values)
-                                                        if len(values) > 1 else None)
+            for prefix, name in (("train", "train/error"), ("metric", metric)):
+                for which, curves in zip("ab", at):
+                    row[f"{prefix}_{which}_mean"], row[f"{prefix}_{which}_std"] = spread(
+                        [curve[step][name] for curve in curves])
                 row[f"{prefix}_gap"] = row[f"{prefix}_b_mean"] - row[f"{prefix}_a_mean"]
             rows.append(row)
         where = {k: v for k, v in side[hashable(a)][0].items() if k != key}
