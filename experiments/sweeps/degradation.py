@@ -3,15 +3,15 @@
     python -m experiments.sweep --sweep=experiments/sweeps/degradation.py:preset=digits --root=DIR
     python -m experiments.sweep --sweep=experiments/sweeps/degradation.py:preset=paper,seeds=5 --root=DIR
 
-Argument: preset (experiments/sweeps/presets.py: paper, cifar-cpu, cifar16-cpu, digits, smoke;
-default digits), dataset (default the preset's, e.g. folder:/data/cifar10_jpeg), seeds (default
-the preset's). Plain and residual nets at each of the preset's depths (the paper preset adds
-ResNet-1202). The report: final errors per net (plain/residual x depth), the test error against
-depth, and the curves in Fig. 6's layout (training error dashed, test error bold, one panel for
-plain nets and one for residual nets). The paper's Table 6 sits beside the numbers at the paper
-preset only (each beside the statistic of the same kind: ResNet-110's best of 5 beside the
-best, its mean +- std of 5 beside the mean, the other depths' one run beside the mean), and in
-a section of its own, marked not comparable, at every other scale.
+Argument: preset (experiments/sweeps/presets.py: paper, cifar-cpu, cifar16-cpu, cifar16-12k,
+digits, smoke; default digits), dataset (default the preset's, e.g. folder:/data/cifar10_jpeg),
+seeds (default the preset's). Plain and residual nets at each of the preset's depths (the paper
+preset adds ResNet-1202). The report: final errors per net (plain/residual x depth), the test error
+against depth, and the curves in Fig. 6's layout (training error dashed, test error bold, one panel
+for plain nets and one for residual nets). The paper's Table 6 sits beside the numbers at the paper
+preset only (each beside the statistic of the same kind: ResNet-110's best of 5 beside the best,
+its mean +- std of 5 beside the mean, the other depths' one run beside the mean), and in a section
+of its own, marked not comparable, at every other scale.
 """
 
 from experiments.declaration import Sweep
